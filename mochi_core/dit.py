@@ -1,0 +1,508 @@
+"""AsymmDiT: the Mochi 1 video transformer (SPEC §1).
+
+Module and parameter names are Genmo's checkpoint keys, so a Genmo state dict loads with
+``strict=True``. The forward pass takes ``sigma`` (1 = pure noise), embeds ``(1 − σ)·1000`` itself
+and returns the flow velocity ``v ≈ x₀ − ε`` in fp32.
+
+Precision:
+
+* Linear/Conv weights are stored in the ``dtype`` given at construction (or whatever a loader
+  assigns) and cast per layer by ``operations``. The *compute dtype* of the token streams is
+  ``compute_dtype`` when given; otherwise the dtype of the stored Linear weights when that is
+  fp32, bf16 or fp16, and bf16 for anything else (fp8 storage).
+* The QK-norm weights and ``pos_frequencies`` are always stored in fp32. The timestep sinusoid,
+  the RoPE angles and rotation, and every RMS/Layer norm with its modulation run in fp32.
+
+Text padding: ``y_mask`` must be a right-padded prefix (T5 padding). Padded tokens never take
+part: the text stream is cropped to the longest prompt of the batch, and inside it the padded
+rows of shorter prompts are zeroed and masked out as attention keys. An all-False mask gives
+zero text tokens (Genmo's empty negative prompt).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from . import ops
+from .attention import AttentionFn, attend, get_attention
+
+log = logging.getLogger(__name__)
+
+MOD_NORM_EPS = 1e-6  # modulated and tanh-gated residual RMS norms, final LayerNorm
+QK_NORM_EPS = 1e-5
+ROPE_TARGET_AREA = 36864.0  # 192² patches: every resolution spans the same RoPE area
+_FLOAT_COMPUTE = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    """Hyper-parameters of the AsymmDiT (defaults: the full Mochi 1 preview, SPEC §1.1)."""
+
+    depth: int = 48
+    hidden_size_x: int = 3072
+    hidden_size_y: int = 1536
+    num_heads: int = 24
+    mlp_hidden_x: int = 8192  # SwiGLU inner width; w1 has 2× this many outputs
+    mlp_hidden_y: int = 4096
+    patch_size: int = 2
+    in_channels: int = 12
+    t5_feat_dim: int = 4096
+    pool_heads: int = 8
+    timestep_dim: int = 256
+    timestep_scale: float = 1000.0
+
+    def __post_init__(self) -> None:
+        if self.hidden_size_x % self.num_heads or self.head_dim % 2:
+            raise ValueError(
+                f"hidden_size_x={self.hidden_size_x} must split into {self.num_heads} heads "
+                "of even size"
+            )
+        if self.t5_feat_dim % self.pool_heads:
+            raise ValueError(f"t5_feat_dim={self.t5_feat_dim} not divisible by pool_heads")
+
+    @property
+    def head_dim(self) -> int:
+        """Per-head width of the joint attention (visual width / heads)."""
+        return self.hidden_size_x // self.num_heads
+
+    @classmethod
+    def mochi_preview(cls) -> DiTConfig:
+        """The released Mochi 1 preview: 48 blocks, widths 3072/1536, 24 heads."""
+        return cls()
+
+    @classmethod
+    def from_state_dict(cls, sd: Mapping[str, torch.Tensor]) -> DiTConfig:
+        """Infer the config from the names and shapes of a Genmo-keyed state dict.
+
+        Raises:
+            ValueError: when required keys are missing (e.g. a prefixed or diffusers-format
+                dict) or the shapes are inconsistent.
+        """
+        required = (
+            "pos_frequencies", "x_embedder.proj.weight", "t_embedder.mlp.0.weight",
+            "t5_yproj.weight", "blocks.0.mlp_x.w1.weight", "final_layer.linear.weight",
+        )  # fmt: skip
+        missing = [key for key in required if key not in sd]
+        if missing:
+            raise ValueError(
+                f"not a Genmo-keyed Mochi DiT state dict: missing {missing} "
+                f"(first keys: {list(sd)[:5]})"
+            )
+        depth = 1 + max(int(m[1]) for key in sd if (m := re.match(r"blocks\.(\d+)\.", key)))
+        _, heads, half = sd["pos_frequencies"].shape
+        hidden_x, in_channels, patch, _ = sd["x_embedder.proj.weight"].shape
+        hidden_y, t5_dim = sd["t5_yproj.weight"].shape
+        mlp_y = sd.get("blocks.0.mlp_y.w1.weight")
+        config = cls(
+            depth=depth, hidden_size_x=hidden_x, hidden_size_y=hidden_y, num_heads=heads,
+            mlp_hidden_x=sd["blocks.0.mlp_x.w1.weight"].shape[0] // 2,
+            mlp_hidden_y=mlp_y.shape[0] // 2 if mlp_y is not None else 0,
+            patch_size=patch, in_channels=in_channels, t5_feat_dim=t5_dim,
+            timestep_dim=sd["t_embedder.mlp.0.weight"].shape[1],
+        )  # fmt: skip
+        if config.head_dim != 2 * half:
+            raise ValueError(f"pos_frequencies {tuple(sd['pos_frequencies'].shape)} does not "
+                             f"match {heads} heads of width {config.head_dim}")  # fmt: skip
+        return config
+
+
+# --------------------------------------------------------------------------------------------
+# Functional pieces (fp32 math)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding ``[cos, sin]`` of timesteps ``t`` (B,) → (B, dim), fp32."""
+    half = dim // 2
+    freqs = torch.exp(
+        torch.arange(half, dtype=torch.float32, device=t.device) * (-math.log(max_period) / half)
+    )
+    angles = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+
+
+def modulated_rmsnorm(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``RMSNorm(x)·(1 + scale)`` in fp32, no weight; x (B, S, D), scale (B, D) → x.dtype."""
+    normed = F.rms_norm(x.float(), (x.shape[-1],), eps=MOD_NORM_EPS)
+    return normed.mul_(1.0 + scale.float().unsqueeze(1)).to(x.dtype)
+
+
+def gated_residual(x: torch.Tensor, branch: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """``x + RMSNorm(branch)·tanh(gate)``, norm in fp32 without weight.
+
+    x, branch (B, S, D); gate (B, D); returns x.dtype.
+    """
+    normed = F.rms_norm(branch.float(), (branch.shape[-1],), eps=MOD_NORM_EPS)
+    return x + normed.mul_(torch.tanh(gate.float()).unsqueeze(1)).to(x.dtype)
+
+
+def rope_positions(
+    T: int,
+    pH: int,
+    pW: int,
+    *,
+    canvas_hw: tuple[int, int] | None = None,
+    offset_thw: tuple[int, int, int] = (0, 0, 0),
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """RoPE positions (t, h, w) of the ``T × pH × pW`` visual tokens, (N, 3) fp32, row-major.
+
+    ``t`` is the latent frame index; ``h`` and ``w`` are bin centres of the canvas, centred and
+    scaled by ``sqrt(36864 / (cH·cW))`` so every resolution spans the same area. By default the
+    canvas is the token grid itself (``cH, cW = pH, pW``); a tile of a larger canvas passes
+    ``canvas_hw`` (in patches) and its ``offset_thw`` on it to get the positions it has there.
+    """
+    c_h, c_w = canvas_hw if canvas_hw is not None else (pH, pW)
+    t0, h0, w0 = offset_thw
+    if h0 < 0 or w0 < 0 or h0 + pH > c_h or w0 + pW > c_w:
+        raise ValueError(f"tile {pH}×{pW} at ({h0}, {w0}) is outside the canvas {c_h}×{c_w}")
+    scale = math.sqrt(ROPE_TARGET_AREA / (c_h * c_w))
+    kw = {"dtype": torch.float64, "device": device}
+    t = torch.arange(t0, t0 + T, **kw)
+    h = (torch.arange(h0, h0 + pH, **kw) + 0.5 - c_h / 2) * scale
+    w = (torch.arange(w0, w0 + pW, **kw) + 0.5 - c_w / 2) * scale
+    grid = torch.stack(torch.meshgrid(t, h, w, indexing="ij"), dim=-1)  # (T, pH, pW, 3)
+    return rearrange(grid, "t h w c -> (t h w) c").float()
+
+
+def rope_rotation(pos_frequencies: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Unit complex rotations ``exp(i·θ)``, θ = Σ_axis pos·freq; (N, heads, head_dim/2) complex64.
+
+    pos_frequencies (3, heads, head_dim/2) and positions (N, 3) are used in fp32.
+    """
+    angles = torch.einsum("na,ahf->nhf", positions.float(), pos_frequencies.float())
+    return torch.polar(torch.ones_like(angles), angles)
+
+
+def apply_rope(t: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (2i, 2i+1) of fp32 ``t`` (B, N, heads, D) by (N, heads, D/2)."""
+    pairs = torch.view_as_complex(t.unflatten(-1, (-1, 2)).contiguous())
+    return torch.view_as_real(pairs * rotation).flatten(-2)
+
+
+# --------------------------------------------------------------------------------------------
+# Modules (names follow Genmo's checkpoint keys)
+
+
+class PatchEmbed(nn.Module):
+    """2-D patch embedding applied frame by frame: (B, C, T, H, W) → (B, T·H/p·W/p, D)."""
+
+    def __init__(self, config: DiTConfig, operations, device, dtype) -> None:
+        super().__init__()
+        p = config.patch_size
+        self.proj = operations.Conv2d(
+            config.in_channels, config.hidden_size_x, kernel_size=p, stride=p, bias=True,
+            device=device, dtype=dtype,
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, C, T, H, W) → tokens (B, N, D) ordered (T, H/p, W/p)."""
+        B = x.shape[0]
+        frames = self.proj(rearrange(x, "b c t h w -> (b t) c h w"))
+        return rearrange(frames, "(b t) d h w -> b (t h w) d", b=B)
+
+
+class TimestepEmbedder(nn.Module):
+    """``mlp(sinusoid(t))``: Linear(256→D), SiLU, Linear(D→D)."""
+
+    def __init__(self, config: DiTConfig, operations, device, dtype) -> None:
+        super().__init__()
+        d, f = config.hidden_size_x, config.timestep_dim
+        self.frequency_dim = f
+        self.mlp = nn.Sequential(
+            operations.Linear(f, d, bias=True, device=device, dtype=dtype),
+            nn.SiLU(),
+            operations.Linear(d, d, bias=True, device=device, dtype=dtype),
+        )
+
+    def forward(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """t (B,) already scaled (0..1000) → (B, D) in ``dtype``."""
+        return self.mlp(timestep_embedding(t, self.frequency_dim).to(dtype))
+
+
+class AttentionPool(nn.Module):
+    """Caption pooling: the masked mean token queries [mean, tokens…] (8 heads) → (B, D_x)."""
+
+    def __init__(self, config: DiTConfig, operations, device, dtype) -> None:
+        super().__init__()
+        e, kw = config.t5_feat_dim, {"device": device, "dtype": dtype}
+        self.num_heads = config.pool_heads
+        self.to_kv = operations.Linear(e, 2 * e, bias=True, **kw)
+        self.to_q = operations.Linear(e, e, bias=True, **kw)
+        self.to_out = operations.Linear(e, config.hidden_size_x, bias=True, **kw)
+
+    def forward(self, feats: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """feats (B, L, E) with padded rows already zero, mask (B, L) bool → (B, D_x)."""
+        weights = mask.unsqueeze(-1).to(feats.dtype)
+        weights = weights / weights.sum(dim=1, keepdim=True).clamp(min=1)
+        mean = (feats * weights).sum(dim=1, keepdim=True)  # (B, 1, E)
+        tokens = torch.cat([mean, feats], dim=1)  # (B, 1+L, E)
+        k, v = rearrange(self.to_kv(tokens), "b s (two h d) -> two b h s d", two=2,
+                         h=self.num_heads)  # fmt: skip
+        q = rearrange(self.to_q(mean), "b s (h d) -> b h s d", h=self.num_heads)
+        keep = F.pad(mask, (1, 0), value=True)[:, None, None, :]  # mean token always visible
+        pooled = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)  # (B, h, 1, d)
+        return self.to_out(rearrange(pooled, "b h s d -> b (s h d)"))
+
+
+class QKNorm(nn.Module):
+    """Per-head RMSNorm with an fp32 learned weight (eps 1e-5), optionally followed by RoPE."""
+
+    def __init__(self, head_dim: int, device) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(head_dim, dtype=torch.float32, device=device))
+
+    def forward(
+        self, t: torch.Tensor, rotation: torch.Tensor | None, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """t (B, S, heads, D) → normalized (and rotated) in fp32, returned in ``dtype``."""
+        weight = self.weight.to(device=t.device, dtype=torch.float32)
+        normed = F.rms_norm(t.float(), (t.shape[-1],), weight=weight, eps=QK_NORM_EPS)
+        if rotation is not None:
+            normed = apply_rope(normed, rotation)
+        return normed.to(dtype)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU ``w2(SiLU(a)·b)`` with ``a, b = w1(x).chunk(2)`` (SiLU on the first half)."""
+
+    def __init__(self, dim: int, hidden: int, operations, device, dtype) -> None:
+        super().__init__()
+        self.w1 = operations.Linear(dim, 2 * hidden, bias=False, device=device, dtype=dtype)
+        self.w2 = operations.Linear(hidden, dim, bias=False, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, S, dim) → (B, S, dim)."""
+        a, b = self.w1(x).chunk(2, dim=-1)
+        return self.w2(F.silu(a).mul_(b))
+
+
+class AsymmetricAttention(nn.Module):
+    """Joint attention over [visual tokens, text tokens] with separate projections per stream."""
+
+    def __init__(self, config: DiTConfig, update_y: bool, operations, device, dtype) -> None:
+        super().__init__()
+        dx, dy, kw = config.hidden_size_x, config.hidden_size_y, {"device": device, "dtype": dtype}
+        self.num_heads = config.num_heads
+        self.qkv_x = operations.Linear(dx, 3 * dx, bias=False, **kw)
+        self.qkv_y = operations.Linear(dy, 3 * dx, bias=False, **kw)
+        self.q_norm_x = QKNorm(config.head_dim, device)
+        self.k_norm_x = QKNorm(config.head_dim, device)
+        self.q_norm_y = QKNorm(config.head_dim, device)
+        self.k_norm_y = QKNorm(config.head_dim, device)
+        self.proj_x = operations.Linear(dx, dx, bias=True, **kw)
+        self.proj_y = operations.Linear(dx, dy, bias=True, **kw) if update_y else nn.Identity()
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        rotation: torch.Tensor,
+        valid: torch.Tensor | None,
+        attention: AttentionFn,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pre-normed x (B, N, Dx), y (B, L, Dy) → attention outputs (B, N, Dx), (B, L, Dy).
+
+        ``valid`` is the (B, N+L) key mask or None; the y output of a block that does not
+        update y is the raw (B, L, Dx) attention output and is discarded by the caller.
+        """
+        N, dtype = x.shape[1], x.dtype
+        split = "b s (three h d) -> three b s h d"
+        q_x, k_x, v_x = rearrange(self.qkv_x(x), split, three=3, h=self.num_heads)
+        q_y, k_y, v_y = rearrange(self.qkv_y(y), split, three=3, h=self.num_heads)
+        q = torch.cat([self.q_norm_x(q_x, rotation, dtype), self.q_norm_y(q_y, None, dtype)], 1)
+        k = torch.cat([self.k_norm_x(k_x, rotation, dtype), self.k_norm_y(k_y, None, dtype)], 1)
+        v = torch.cat([v_x, v_y], dim=1)
+        heads_first = "b s h d -> b h s d"
+        out = attend(attention, *(rearrange(t, heads_first) for t in (q, k, v)), valid)
+        out = rearrange(out, "b h s d -> b s (h d)")
+        return self.proj_x(out[:, :N]), self.proj_y(out[:, N:])
+
+
+class AsymmetricJointBlock(nn.Module):
+    """One joint block: modulated pre-norm attention and SwiGLU MLPs with tanh-gated sandwich
+    norms on both streams; the last block (``update_y=False``) only reads the text."""
+
+    def __init__(self, config: DiTConfig, update_y: bool, operations, device, dtype) -> None:
+        super().__init__()
+        dx, dy, kw = config.hidden_size_x, config.hidden_size_y, {"device": device, "dtype": dtype}
+        self.update_y = update_y
+        self.mod_x = operations.Linear(dx, 4 * dx, bias=True, **kw)
+        self.mod_y = operations.Linear(dx, (4 if update_y else 1) * dy, bias=True, **kw)
+        self.attn = AsymmetricAttention(config, update_y, operations, device, dtype)
+        self.mlp_x = FeedForward(dx, config.mlp_hidden_x, operations, device, dtype)
+        if update_y:
+            self.mlp_y = FeedForward(dy, config.mlp_hidden_y, operations, device, dtype)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        c: torch.Tensor,
+        rotation: torch.Tensor,
+        valid: torch.Tensor | None,
+        attention: AttentionFn,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, N, Dx), y (B, L, Dy), c (B, Dx) → updated (x, y)."""
+        c = F.silu(c)
+        scale_msa_x, gate_msa_x, scale_mlp_x, gate_mlp_x = self.mod_x(c).chunk(4, dim=1)
+        mod_y = self.mod_y(c).chunk(4 if self.update_y else 1, dim=1)
+        attn_x, attn_y = self.attn(
+            modulated_rmsnorm(x, scale_msa_x), modulated_rmsnorm(y, mod_y[0]), rotation,
+            valid, attention,
+        )  # fmt: skip
+        x = gated_residual(x, attn_x, gate_msa_x)
+        x = gated_residual(x, self.mlp_x(modulated_rmsnorm(x, scale_mlp_x)), gate_mlp_x)
+        if self.update_y:
+            _, gate_msa_y, scale_mlp_y, gate_mlp_y = mod_y
+            y = gated_residual(y, attn_y, gate_msa_y)
+            y = gated_residual(y, self.mlp_y(modulated_rmsnorm(y, scale_mlp_y)), gate_mlp_y)
+        return x, y
+
+
+class FinalLayer(nn.Module):
+    """``linear(LayerNorm(x)·(1 + scale) + shift)`` with ``shift, scale = mod(SiLU(c))``."""
+
+    def __init__(self, config: DiTConfig, operations, device, dtype) -> None:
+        super().__init__()
+        d, p, kw = config.hidden_size_x, config.patch_size, {"device": device, "dtype": dtype}
+        self.mod = operations.Linear(d, 2 * d, bias=True, **kw)
+        self.linear = operations.Linear(d, p * p * config.in_channels, bias=True, **kw)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """x (B, N, D), c (B, D) → (B, N, p·p·C); the norm and modulation run in fp32."""
+        shift, scale = self.mod(F.silu(c)).float().chunk(2, dim=1)
+        normed = F.layer_norm(x.float(), (x.shape[-1],), eps=MOD_NORM_EPS)
+        normed = normed.mul_(1.0 + scale.unsqueeze(1)).add_(shift.unsqueeze(1))
+        return self.linear(normed.to(x.dtype))
+
+
+# --------------------------------------------------------------------------------------------
+# The model
+
+
+def text_lengths(y_mask: torch.Tensor) -> torch.Tensor:
+    """Number of real tokens per sample of a right-padded (B, L) bool mask → (B,) int64.
+
+    Raises:
+        ValueError: when a row is not a prefix of True values followed by False.
+    """
+    lengths = y_mask.sum(dim=1)
+    prefix = torch.arange(y_mask.shape[1], device=y_mask.device) < lengths[:, None]
+    if not torch.equal(prefix, y_mask.bool()):
+        raise ValueError("y_mask must be right-padded: each row True for a prefix, then False")
+    return lengths
+
+
+class AsymmDiT(nn.Module):
+    """The Mochi 1 AsymmDiT (Genmo's ``AsymmDiTJoint``), Genmo checkpoint key names.
+
+    Args:
+        config: hyper-parameters, e.g. ``DiTConfig.from_state_dict(sd)``.
+        operations: layer factories (:data:`mochi_core.ops.cast` by default).
+        device, dtype: where and in which dtype the Linear/Conv weights are created.
+        attention: a backend name (``"sdpa"``, ``"flash"``, ``"sage"``) or an
+            :data:`~mochi_core.attention.AttentionFn`.
+        compute_dtype: dtype of the token streams; None derives it from the stored weights
+            (their dtype when fp32/bf16/fp16, bf16 otherwise).
+    """
+
+    def __init__(
+        self,
+        config: DiTConfig,
+        *,
+        operations=ops.cast,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        attention: str | AttentionFn = "sdpa",
+        compute_dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.attention = get_attention(attention) if isinstance(attention, str) else attention
+        self.compute_dtype = compute_dtype
+        args = (operations, device, dtype)
+        c = config
+        self.pos_frequencies = nn.Parameter(
+            torch.zeros(3, c.num_heads, c.head_dim // 2, dtype=torch.float32, device=device)
+        )
+        self.x_embedder = PatchEmbed(c, *args)
+        self.t_embedder = TimestepEmbedder(c, *args)
+        self.t5_y_embedder = AttentionPool(c, *args)
+        self.t5_yproj = operations.Linear(c.t5_feat_dim, c.hidden_size_y, bias=True,
+                                          device=device, dtype=dtype)  # fmt: skip
+        self.blocks = nn.ModuleList(
+            AsymmetricJointBlock(c, i < c.depth - 1, *args) for i in range(c.depth)
+        )
+        self.final_layer = FinalLayer(c, *args)
+
+    def resolved_compute_dtype(self) -> torch.dtype:
+        """``compute_dtype`` if set, else the stored Linear dtype (bf16 for non-float storage)."""
+        if self.compute_dtype is not None:
+            return self.compute_dtype
+        stored = self.t5_yproj.weight.dtype
+        return stored if stored in _FLOAT_COMPUTE else torch.bfloat16
+
+    def _conditioning(
+        self, sigma: torch.Tensor, y_feat: torch.Tensor, y_mask: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """c = t_emb + pooled caption (B, Dx), and the projected text tokens (B, L, Dy)."""
+        t = (1.0 - sigma.float()) * self.config.timestep_scale
+        y_feat = y_feat.to(dtype).masked_fill(~y_mask.unsqueeze(-1), 0.0)
+        c = self.t_embedder(t, dtype) + self.t5_y_embedder(y_feat, y_mask)
+        return c, self.t5_yproj(y_feat)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        sigma: torch.Tensor,
+        y_feat: torch.Tensor,
+        y_mask: torch.Tensor,
+        *,
+        rope_pos: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Predict the flow velocity.
+
+        Args:
+            x: (B, C, T, H, W) latents in DiT space; H and W divisible by the patch size.
+            sigma: (B,) noise level, 1 = pure noise.
+            y_feat: (B, L, 4096) T5 features; padded rows are ignored.
+            y_mask: (B, L) bool, a right-padded prefix of real tokens per row.
+            rope_pos: optional (T·H/p·W/p, 3) positions from :func:`rope_positions`
+                (e.g. a tile's positions on the whole canvas); default: the token grid's own.
+
+        Returns:
+            (B, C, T, H, W) fp32 velocity ``x₀ − ε``.
+        """
+        B, _, T, H, W = x.shape
+        p, dtype = self.config.patch_size, self.resolved_compute_dtype()
+        assert H % p == 0 and W % p == 0, f"latent H, W ({H}, {W}) must be divisible by {p}"
+        assert y_feat.shape[:2] == y_mask.shape and y_mask.shape[0] == B, "y_feat/y_mask shapes"
+        lengths = text_lengths(y_mask)
+        L = int(lengths.max()) if B else 0
+        y_mask = y_mask[:, :L].bool()
+        c, y = self._conditioning(sigma, y_feat[:, :L], y_mask, dtype)
+        x_tok = self.x_embedder(x.to(dtype))
+        N = x_tok.shape[1]
+        if rope_pos is None:
+            rope_pos = rope_positions(T, H // p, W // p, device=x.device)
+        assert rope_pos.shape == (N, 3), f"rope_pos must be ({N}, 3), got {tuple(rope_pos.shape)}"
+        rotation = rope_rotation(self.pos_frequencies, rope_pos.to(x.device))
+        valid = None
+        if not bool((lengths == L).all()):
+            valid = F.pad(y_mask, (N, 0), value=True)  # (B, N + L)
+        for block in self.blocks:
+            x_tok, y = block(x_tok, y, c, rotation, valid, self.attention)
+        out = self.final_layer(x_tok, c)
+        return rearrange(
+            out.float(), "b (t hp wp) (p1 p2 c) -> b c t (hp p1) (wp p2)",
+            t=T, hp=H // p, wp=W // p, p1=p, p2=p,
+        )  # fmt: skip
