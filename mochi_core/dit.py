@@ -192,6 +192,22 @@ def apply_rope(t: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
 # Modules (names follow Genmo's checkpoint keys)
 
 
+class _KeepsFp32(nn.Module):
+    """A module whose own parameters named in ``_fp32_params`` load as fp32 whatever the
+    checkpoint dtype, also with ``load_state_dict(..., assign=True)``."""
+
+    _fp32_params: tuple[str, ...] = ()
+
+    def _load_from_state_dict(
+        self, state_dict: dict[str, torch.Tensor], prefix: str, *args: object, **kwargs: object
+    ) -> None:
+        for name in self._fp32_params:
+            value = state_dict.get(prefix + name)
+            if value is not None and value.dtype != torch.float32:
+                state_dict[prefix + name] = value.float()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
 class PatchEmbed(nn.Module):
     """2-D patch embedding applied frame by frame: (B, C, T, H, W) → (B, T·H/p·W/p, D)."""
 
@@ -253,8 +269,10 @@ class AttentionPool(nn.Module):
         return self.to_out(rearrange(pooled, "b h s d -> b (s h d)"))
 
 
-class QKNorm(nn.Module):
+class QKNorm(_KeepsFp32):
     """Per-head RMSNorm with an fp32 learned weight (eps 1e-5), optionally followed by RoPE."""
+
+    _fp32_params = ("weight",)
 
     def __init__(self, head_dim: int, device) -> None:
         super().__init__()
@@ -402,7 +420,7 @@ def text_lengths(y_mask: torch.Tensor) -> torch.Tensor:
     return lengths
 
 
-class AsymmDiT(nn.Module):
+class AsymmDiT(_KeepsFp32):
     """The Mochi 1 AsymmDiT (Genmo's ``AsymmDiTJoint``), Genmo checkpoint key names.
 
     Args:
@@ -414,6 +432,8 @@ class AsymmDiT(nn.Module):
         compute_dtype: dtype of the token streams; None derives it from the stored weights
             (their dtype when fp32/bf16/fp16, bf16 otherwise).
     """
+
+    _fp32_params = ("pos_frequencies",)
 
     def __init__(
         self,
