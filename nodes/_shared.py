@@ -1,0 +1,126 @@
+"""Helpers shared by the node families: category, custom types, validation messages, progress.
+
+Everything here is small and host-facing; the model itself lives in ``mochi_core``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import comfy.latent_formats
+import comfy.model_management
+import comfy.utils
+import folder_paths
+import latent_preview
+from comfy_api.latest import io
+
+CATEGORY = "Mochi 1"
+
+# Custom types, only for objects the host has no type of its own for.
+MochiModel = io.Custom("MOCHI_MODEL")
+MochiTextEncoder = io.Custom("MOCHI_TEXT_ENCODER")
+MochiDecoder = io.Custom("MOCHI_VAE_DECODER")
+MochiEncoder = io.Custom("MOCHI_VAE_ENCODER")
+
+NONE = "none"
+
+
+@dataclass(frozen=True)
+class ManagedText:
+    """A T5 conditioner with its encoder under the host's model management."""
+
+    conditioner: object
+    patcher: object
+
+
+MAX_SIZE = 4096
+MAX_FRAMES = 6 * 60 + 1
+
+
+def choice_error(name: str, value, options) -> str | None:
+    """A message naming ``name`` and the allowed values when ``value`` is not one of them."""
+    if value in options:
+        return None
+    shown = ", ".join(map(str, options[:12])) + (", ..." if len(options) > 12 else "")
+    return f"{name}: {value!r} is not one of the allowed values ({shown})"
+
+
+def file_error(name: str, folder: str, value: str, allow_none: bool = False) -> str | None:
+    """A message when ``value`` is not a file of the host's model folder ``folder``."""
+    if allow_none and value == NONE:
+        return None
+    if value and folder_paths.get_full_path(folder, value) is not None:
+        return None
+    found = folder_paths.get_filename_list(folder)
+    listing = ", ".join(found[:8]) if found else "the folder is empty"
+    return (
+        f"{name}: {value!r} was not found in the '{folder}' model folder "
+        f"(found: {listing}); place the file under models/{folder}/"
+    )
+
+
+def model_path(folder: str, name: str) -> str:
+    """The full path of a model file (validated before), or a clear error."""
+    path = folder_paths.get_full_path(folder, name)
+    if path is None:
+        raise FileNotFoundError(f"{name!r} is not in the '{folder}' model folder")
+    return path
+
+
+def frames_error(name: str, frames: int) -> str | None:
+    """Mochi's causal VAE needs 6k+1 pixel frames."""
+    if isinstance(frames, int) and 7 <= frames <= MAX_FRAMES and (frames - 1) % 6 == 0:
+        return None
+    lower = max(1, ((frames - 1) // 6) * 6 + 1) if isinstance(frames, int) else 7
+    return (
+        f"{name} must be 6k+1 between 7 and {MAX_FRAMES} (7, 13, 19, ..., 163, ...); "
+        f"got {frames}, nearest valid: {max(7, lower)} or {max(7, lower) + 6}"
+    )
+
+
+def size_error(name: str, value: int) -> str | None:
+    """The DiT needs width and height in multiples of 16 (2x2 patches of the 8x latent)."""
+    if isinstance(value, int) and 16 <= value <= MAX_SIZE and value % 16 == 0:
+        return None
+    return f"{name} must be a multiple of 16 between 16 and {MAX_SIZE}; got {value}"
+
+
+def range_error(name: str, value, low, high) -> str | None:
+    """A message naming ``name`` and its range when ``value`` falls outside [low, high]."""
+    if low <= value <= high:
+        return None
+    return f"{name} must be between {low} and {high}; got {value}"
+
+
+def first_error(*messages: str | None) -> bool | str:
+    """What ``validate_inputs`` returns: True, or the first message."""
+    for message in messages:
+        if message:
+            return message
+    return True
+
+
+class StepProgress:
+    """A host progress bar that also checks for a cancel and sends latent previews.
+
+    Called by ``mochi_core`` once per step/tile as ``(step, total, preview_latent_or_None)``.
+    """
+
+    def __init__(self, total: int, preview_device=None):
+        self.bar = comfy.utils.ProgressBar(total)
+        self.previewer = None
+        if preview_device is not None:
+            mochi = comfy.latent_formats.Mochi()
+            self.previewer = latent_preview.get_previewer(preview_device, mochi)
+
+    def __call__(self, step: int, total: int, preview=None) -> None:
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        image = None
+        if self.previewer is not None and preview is not None:
+            image = self.previewer.decode_latent_to_preview_image("JPEG", preview)
+        self.bar.update_absolute(step, total, image)
+
+
+def check_interrupted() -> None:
+    """Raise the host's interrupt exception when the user cancelled the prompt."""
+    comfy.model_management.throw_exception_if_processing_interrupted()

@@ -1,0 +1,55 @@
+"""Text encode node: a prompt and a negative prompt to standard CONDITIONING."""
+
+from __future__ import annotations
+
+import comfy.model_management as mm
+import torch
+from comfy_api.latest import io
+
+from ._shared import CATEGORY, MochiTextEncoder
+
+
+def to_conditioning(features: torch.Tensor, mask: torch.Tensor) -> list:
+    """Host CONDITIONING: ``[[B × L × 4096 features, {"attention_mask": B × L}]]``."""
+    return [[features, {"attention_mask": mask.to(torch.int64)}]]
+
+
+class TextEncode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="Mochi1TextEncode",
+            display_name="Mochi 1 Text Encode",
+            category=f"{CATEGORY}/conditioning",
+            description="Encodes a prompt and a negative prompt with T5-XXL the way Genmo does "
+                        "(256 tokens, padding dropped, an empty negative prompt zeroed) into "
+                        "standard CONDITIONING with an attention mask.",
+            inputs=[
+                MochiTextEncoder.Input("text_encoder", tooltip="From Mochi 1 T5 Text Encoder "
+                                                               "Loader."),
+                io.String.Input("positive", multiline=True, default="",
+                                tooltip="What the video shows; at most 256 T5 tokens (longer "
+                                        "prompts are truncated, with a warning in the log)."),
+                io.String.Input("negative", multiline=True, default="",
+                                tooltip="What to steer away from; leave empty for Genmo's "
+                                        "default (an all-masked, zeroed negative)."),
+            ],
+            outputs=[
+                io.Conditioning.Output(display_name="positive",
+                                       tooltip="T5 features and attention mask of the prompt."),
+                io.Conditioning.Output(display_name="negative",
+                                       tooltip="T5 features and attention mask of the negative "
+                                               "prompt."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, text_encoder, positive, negative) -> io.NodeOutput:
+        mm.load_models_gpu([text_encoder.patcher])
+        cond = text_encoder.conditioner.encode([positive, negative], zero_empty=True)
+        features, mask = cond.features.to(mm.intermediate_device()), cond.mask.cpu()
+        return io.NodeOutput(to_conditioning(features[:1], mask[:1]),
+                             to_conditioning(features[1:], mask[1:]))
+
+
+NODES = [TextEncode]

@@ -1,0 +1,153 @@
+"""The sampler node: Genmo's Euler flow sampler with CFG on the linear-quadratic schedule."""
+
+from __future__ import annotations
+
+import comfy.model_management as mm
+import torch
+from comfy_api.latest import io
+
+from mochi_core import sampling, schedule, text, vae
+
+from ._shared import (
+    CATEGORY,
+    MAX_FRAMES,
+    MAX_SIZE,
+    MochiModel,
+    StepProgress,
+    choice_error,
+    first_error,
+    frames_error,
+    range_error,
+    size_error,
+)
+
+BATCH_CFG = {"auto": None, "batched": True, "separate": False}
+
+
+def parse_cfg_schedule(spec: str, steps: int) -> list[float] | None:
+    """``"6, 6, 4.5"`` → one CFG per step (linearly interpolated); empty → None (constant)."""
+    values = [float(v) for v in spec.replace(";", ",").split(",") if v.strip()]
+    if not values:
+        return None
+    if len(values) == 1:
+        return values * steps
+    pos = torch.linspace(0, len(values) - 1, steps)
+    table = torch.tensor(values, dtype=torch.float64)
+    low = pos.floor().long().clamp(max=len(values) - 2)
+    return (table[low] + (pos - low) * (table[low + 1] - table[low])).tolist()
+
+
+def cfg_schedule_error(spec: str) -> str | None:
+    try:
+        values = [float(v) for v in spec.replace(";", ",").split(",") if v.strip()]
+    except ValueError:
+        return (f"cfg_schedule must be empty or comma-separated numbers such as '6, 6, 4.5'; "
+                f"got {spec!r}")
+    bad = [v for v in values if not 0.0 <= v <= 30.0]
+    return f"cfg_schedule values must be between 0 and 30; got {bad}" if bad else None
+
+
+def conditioning_to_text(cond: list) -> text.TextConditioning:
+    """Host CONDITIONING (ours or CLIPTextEncode's) → features and a boolean token mask."""
+    features, extra = cond[0][0], cond[0][1]
+    mask = extra.get("attention_mask")
+    if mask is None:
+        mask = torch.ones(features.shape[:2], dtype=torch.bool)
+    return text.TextConditioning(features.float(), mask.reshape(features.shape[:2]).bool())
+
+
+class Sampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="Mochi1Sampler",
+            display_name="Mochi 1 Sampler",
+            category=f"{CATEGORY}/sampling",
+            description="Generates Mochi 1 video latents: Euler steps on Genmo's linear-quadratic "
+                        "sigma schedule with classifier-free guidance. Starts from noise of the "
+                        "given size, or from a LATENT (its size; its content when denoise < 1).",
+            inputs=[
+                MochiModel.Input("model", tooltip="From Mochi 1 DiT Loader."),
+                io.Conditioning.Input("positive", tooltip="Prompt conditioning (Mochi 1 Text "
+                                      "Encode, or the host's CLIPLoader(type=mochi) + "
+                                      "CLIPTextEncode)."),
+                io.Conditioning.Input("negative", tooltip="Negative prompt conditioning."),
+                io.Int.Input("width", default=848, min=16, max=MAX_SIZE, step=16,
+                             tooltip="Video width in pixels, a multiple of 16 (ignored when a "
+                                     "latent is connected)."),
+                io.Int.Input("height", default=480, min=16, max=MAX_SIZE, step=16,
+                             tooltip="Video height in pixels, a multiple of 16 (ignored when a "
+                                     "latent is connected)."),
+                io.Int.Input("frames", default=163, min=7, max=MAX_FRAMES, step=6,
+                             tooltip="Number of frames, 6k+1 (163 is Genmo's default: 5.4 s at "
+                                     "30 fps); ignored when a latent is connected."),
+                io.Int.Input("steps", default=64, min=1, max=1000,
+                             tooltip="Sampling steps (Genmo: 64)."),
+                io.Float.Input("cfg", default=6.0, min=0.0, max=30.0, step=0.1, round=0.01,
+                               tooltip="Classifier-free guidance scale (Genmo's CLI: 6.0; "
+                                       "diffusers and others use 4.5). 1.0 skips the negative."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
+                             control_after_generate=True,
+                             tooltip="Seed of the initial noise (drawn on the CPU in fp32, so a "
+                                     "seed gives the same video on any device)."),
+                io.Float.Input("denoise", default=1.0, min=0.01, max=1.0, step=0.01,
+                               tooltip="1.0 generates from noise; below 1 keeps the input "
+                                       "latent's content (video-to-video)."),
+                io.Float.Input("threshold_noise", default=0.025, min=0.001, max=0.999,
+                               step=0.001, round=0.0001,
+                               tooltip="Schedule: 1 − σ reached at the end of its linear part."),
+                io.Int.Input("linear_steps", default=0, min=0, max=1000,
+                             tooltip="Schedule: steps in the linear part (0 = half the steps)."),
+                io.String.Input("cfg_schedule", default="",
+                                tooltip="Optional per-step CFG: comma-separated values "
+                                        "interpolated over the steps (e.g. '6, 4.5'); empty "
+                                        "uses the constant cfg."),
+                io.Combo.Input("batch_cfg", options=list(BATCH_CFG), default="auto",
+                               tooltip="Run the positive and negative passes as one batch "
+                                       "(faster, more memory) or separately; 'auto' batches "
+                                       "when the model supports it."),
+                io.Latent.Input("latent", optional=True,
+                                tooltip="Optional start: EmptyMochiLatentVideo for its size, or "
+                                        "Mochi 1 VAE Encode for video-to-video."),
+            ],
+            outputs=[io.Latent.Output(
+                tooltip="Video latents in the host's Mochi convention (VAE space, "
+                        "B × 12 × T × H/8 × W/8): decodable by Mochi 1 VAE Decode or the "
+                        "host's VAEDecode / VAEDecodeTiled.")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, width, height, frames, steps, cfg, denoise, threshold_noise,
+                        linear_steps, batch_cfg, cfg_schedule="") -> bool | str:
+        return first_error(
+            size_error("width", width), size_error("height", height),
+            frames_error("frames", frames), range_error("steps", steps, 1, 1000),
+            range_error("cfg", cfg, 0.0, 30.0), range_error("denoise", denoise, 0.01, 1.0),
+            range_error("threshold_noise", threshold_noise, 0.001, 0.999),
+            None if linear_steps < steps else
+            f"linear_steps must be 0 (auto) or below steps ({steps}); got {linear_steps}",
+            choice_error("batch_cfg", batch_cfg, list(BATCH_CFG)),
+            cfg_schedule_error(cfg_schedule or ""))
+
+    @classmethod
+    def execute(cls, model, positive, negative, width, height, frames, steps, cfg, seed,
+                denoise, threshold_noise, linear_steps, batch_cfg, cfg_schedule="",
+                latent=None) -> io.NodeOutput:
+        start = None if latent is None else latent["samples"].float()
+        shape = (1, 12, (frames - 1) // 6 + 1, height // 8, width // 8)
+        sigmas = schedule.denoise_schedule(steps, denoise, threshold_noise, linear_steps or None)
+        mm.load_models_gpu([model])
+        if start is not None and denoise < 1.0:
+            start_or_shape = vae.vae_to_dit_latents(start)
+        else:
+            start_or_shape = tuple(start.shape) if start is not None else shape
+        z = sampling.sample(
+            model.model.module, latents_or_shape=start_or_shape,
+            positive=conditioning_to_text(positive), negative=conditioning_to_text(negative),
+            sigmas=sigmas, cfg=parse_cfg_schedule(cfg_schedule or "", steps) or cfg,
+            generator=torch.Generator("cpu").manual_seed(seed), batch_cfg=BATCH_CFG[batch_cfg],
+            device=model.load_device, callback=StepProgress(steps, model.load_device))
+        return io.NodeOutput({"samples": vae.dit_to_vae_latents(z).to(mm.intermediate_device())})
+
+
+NODES = [Sampler]
