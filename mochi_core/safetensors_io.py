@@ -230,22 +230,46 @@ def read_header(path: Path | str) -> SafetensorsHeader:
 
 
 class LazyTensors(Mapping[str, torch.Tensor]):
-    """Read-only mapping over one validated safetensors file; each lookup reads one tensor."""
+    """Read-only mapping over one validated safetensors file; each lookup reads one tensor.
+
+    Membership tests use the header only. The file stays open (memory-mapped by safetensors)
+    until :meth:`close` or garbage collection.
+    """
 
     def __init__(self, path: Path | str, header: SafetensorsHeader | None = None) -> None:
         self.header = header if header is not None else read_header(path)
         self.path = self.header.path
+        self._handle = None
 
     def __getitem__(self, key: str) -> torch.Tensor:
         if key not in self.header.tensors:
             raise KeyError(key)
-        return load_tensors(self.path, [key], header=self.header)[key]
+        if self._handle is None:
+            from safetensors import safe_open  # noqa: PLC0415
+
+            self._handle = _guarded(self.path, lambda: safe_open(str(self.path), framework="pt"))
+        return _guarded(self.path, lambda: self._handle.get_tensor(key))
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.header.tensors
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.header.tensors)
 
     def __len__(self) -> int:
         return len(self.header.tensors)
+
+    def close(self) -> None:
+        """Release the open file."""
+        self._handle = None
+
+
+def _guarded(path: Path, read):
+    """``read()``, with errors of the safetensors library reported as :class:`CheckpointError`."""
+    try:
+        return read()
+    except Exception as err:  # the safetensors library raises its own error types
+        raise _fail(path, f"cannot read tensors ({err})") from err
 
 
 def load_tensors(
@@ -263,13 +287,8 @@ def load_tensors(
     missing = [k for k in wanted if k not in header.tensors]
     if missing:
         raise _fail(header.path, f"missing tensors {missing[:5]}")
-    out: dict[str, torch.Tensor] = {}
-    try:
+    def read() -> dict[str, torch.Tensor]:
         with safe_open(str(header.path), framework="pt", device="cpu") as f:
-            for key in wanted:
-                out[key] = f.get_tensor(key).to(device)
-    except CheckpointError:
-        raise
-    except Exception as err:  # the safetensors library raises its own error types
-        raise _fail(header.path, f"cannot read tensors ({err})") from err
-    return out
+            return {key: f.get_tensor(key).to(device) for key in wanted}
+
+    return _guarded(header.path, read)

@@ -70,6 +70,16 @@ def t5_state_dict(seed: int = 3) -> dict[str, torch.Tensor]:
     return _randomize({k: torch.Size(v) for k, v in shapes.items()}, seed)
 
 
+def run_dit(model: torch.nn.Module) -> torch.Tensor:
+    """One forward of a SMALL_DIT-shaped model on fixed random inputs (3 padded text tokens)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 12, 2, 4, 4, generator=g)
+    y = torch.randn(1, 8, SMALL_DIT.t5_feat_dim, generator=g)
+    mask = torch.tensor([[True] * 5 + [False] * 3])
+    with torch.no_grad():
+        return model(x, torch.tensor([0.7]), y, mask)
+
+
 def _save(path: Path, sd: dict[str, torch.Tensor], metadata: dict | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in sd.items()}, str(path), metadata=metadata)

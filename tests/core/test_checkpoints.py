@@ -44,15 +44,6 @@ def files(tmp_path_factory, src) -> dict:
     return out
 
 
-def run_dit(model: torch.nn.Module) -> torch.Tensor:
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 12, 2, 4, 4, generator=g)
-    y = torch.randn(1, 8, ff.SMALL_DIT.t5_feat_dim, generator=g)
-    mask = torch.tensor([[True] * 5 + [False] * 3])
-    with torch.no_grad():
-        return model(x, torch.tensor([0.7]), y, mask)
-
-
 def assert_loaded(model: torch.nn.Module, written: dict) -> None:
     """Every tensor equals what was written (bitwise in its stored dtype, fp32 for norms)."""
     loaded = model.state_dict()
@@ -73,7 +64,7 @@ def test_dit_formats_load_exactly_and_run(files, name):
     path, written = files[name]
     model = load_dit(path)
     assert_loaded(model, written)
-    out = run_dit(model)
+    out = ff.run_dit(model)
     assert out.shape == (1, 12, 2, 4, 4) and out.dtype == torch.float32
     assert torch.isfinite(out).all()
 
@@ -97,7 +88,7 @@ def test_fp8_scaled_dequantizes_on_request(files):
     assert torch.equal(sd[key], want)
     assert sd["blocks.0.attn.q_norm_x.weight"].dtype == torch.float32
     # same function up to bf16 rounding (the fp8 path scales in bf16 at compute time)
-    out, reference = run_dit(model), run_dit(load_dit(path))
+    out, reference = ff.run_dit(model), ff.run_dit(load_dit(path))
     assert (out - reference).norm() / reference.norm() < 0.02
 
 
@@ -113,13 +104,13 @@ def test_storage_dtype_policy(files, dtype, src):
 
 def test_fp8_storage_from_fp32_is_scaled_and_close(files):
     path = files["genmo_fp32"][0]
-    reference = run_dit(load_dit(path))
+    reference = ff.run_dit(load_dit(path))
     model = load_dit(path, dtype=torch.float8_e4m3fn)
     assert model.blocks[0].mlp_x.w2.weight.dtype == torch.float8_e4m3fn
     assert model.blocks[0].mlp_x.w2.scale_weight is not None
     assert model.x_embedder.proj.weight.dtype == torch.bfloat16
     assert model.pos_frequencies.dtype == torch.float32
-    out = run_dit(model)
+    out = ff.run_dit(model)
     rel = (out - reference).norm() / reference.norm()
     assert 0 < rel < 0.1
 
@@ -174,7 +165,7 @@ def test_all_in_one_yields_dit_vae_and_t5(files, src):
     assert fmt.kind == "all_in_one" and fmt.parts == ("dit", "vae:encoder+decoder", "t5")
     model = load_dit(path)
     assert torch.equal(model.t5_yproj.weight, src["dit"]["t5_yproj.weight"].bfloat16())
-    run_dit(model)
+    ff.run_dit(model)
     assert_vae_equal(load_vae(path), src, torch.bfloat16)
     t5 = ck.load_t5_state_dict(path)
     assert set(t5) == set(src["t5"])

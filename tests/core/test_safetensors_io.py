@@ -46,6 +46,7 @@ def test_valid_file_round_trip(tmp_path):
         assert loaded[key].dtype == value.dtype and torch.equal(loaded[key], value), key
     lazy = LazyTensors(path)
     assert len(lazy) == 5 and torch.equal(lazy["b"], tensors["b"])
+    assert "b" in lazy and "zz" not in lazy
     with pytest.raises(KeyError):
         lazy["missing"]
 
