@@ -78,7 +78,8 @@ def models(request) -> Models:
     sd = random_dit_state_dict(config, torch.Generator().manual_seed(0))
     ours = AsymmDiT(config, device="meta")
     ours.load_state_dict(sd, strict=True, assign=True)
-    return Models(request.param, config, ours.eval(), diffusers_dit(config, sd), comfy_dit(config, sd))
+    oracles = diffusers_dit(config, sd), comfy_dit(config, sd)
+    return Models(request.param, config, ours.eval(), *oracles)
 
 
 def inputs(config: DiTConfig, lengths: list[int], seed: int = 1):
