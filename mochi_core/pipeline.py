@@ -1,0 +1,199 @@
+"""Text → video with Mochi 1, in three stages that each load, use and free one model.
+
+1. T5 encodes the prompt and the negative prompt (fp32 on the CPU by default, SPEC §5);
+2. the DiT samples DiT-space latents (:func:`mochi_core.sampling.sample`);
+3. the decoder turns them into pixels, streamed in time (:func:`mochi_core.vae_tiling.decode`).
+
+Only one model is resident at a time, so peak memory is that of the largest stage.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .sampling import Callback as SampleCallback
+from .sampling import sample
+from .schedule import DEFAULT_THRESHOLD_NOISE, linear_quadratic_schedule
+from .text import T5Conditioner, TextConditioning
+
+log = logging.getLogger(__name__)
+
+DecodeCallback = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """What to generate (defaults: Genmo's CLI, SPEC §4.4)."""
+
+    prompt: str
+    negative_prompt: str = ""
+    width: int = 848
+    height: int = 480
+    frames: int = 163
+    steps: int = 64
+    cfg: float = 6.0
+    seed: int = 1710977262
+    threshold_noise: float = DEFAULT_THRESHOLD_NOISE
+    zero_empty_negative: bool = True
+
+    def problems(self) -> dict[str, str]:
+        """Invalid settings, ``{name: message}`` (empty when everything is valid)."""
+        out = {}
+        for name in ("width", "height"):
+            value = getattr(self, name)
+            if value < 16 or value % 16:
+                out[name] = f"must be a positive multiple of 16 (e.g. 848×480), got {value}"
+        if self.frames < 1 or (self.frames - 1) % 6:
+            k = max(0, (self.frames - 1) // 6)
+            out["frames"] = (f"must be 6k+1 (1, 7, 13, …, 163), got {self.frames}; nearest: "
+                             f"{6 * k + 1} or {6 * k + 7}")  # fmt: skip
+        if self.steps < 1:
+            out["steps"] = f"must be >= 1, got {self.steps}"
+        if not self.cfg >= 0:
+            out["cfg"] = f"must be >= 0 (1 disables guidance), got {self.cfg}"
+        if not 0 <= self.seed < 2**63:
+            out["seed"] = f"must be in 0 .. 2**63 - 1, got {self.seed}"
+        if not 0 < self.threshold_noise < 1:
+            out["threshold_noise"] = f"must be in (0, 1), got {self.threshold_noise}"
+        return out
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` listing every invalid setting."""
+        if problems := self.problems():
+            raise ValueError("; ".join(f"{k} {v}" for k, v in problems.items()))
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int, int, int]:
+        """``(1, 12, T, h, w)``: 6k+1 frames → k+1 latent frames, ÷8 spatially."""
+        return (1, 12, (self.frames - 1) // 6 + 1, self.height // 8, self.width // 8)
+
+
+@dataclass(frozen=True)
+class CheckpointPaths:
+    """Files of one model set; ``tokenizer`` None searches for ComfyUI's T5 tokenizer."""
+
+    dit: Path
+    vae: Path
+    t5: Path
+    tokenizer: Path | None = None
+
+
+@dataclass
+class GenerationResult:
+    """Frames ``F × H × W × 3`` uint8, the DiT-space latents and seconds per stage."""
+
+    frames: torch.Tensor
+    latents: torch.Tensor
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def pixels_to_uint8(pixels: torch.Tensor) -> torch.Tensor:
+    """Decoder output ``B × 3 × F × H × W`` in [-1, 1] → ``F × H × W × 3`` uint8 of item 0."""
+    frames = ((pixels[0].float() + 1.0) / 2.0).clamp(0.0, 1.0)
+    return (frames * 255.0).round().to(torch.uint8).permute(1, 2, 3, 0).contiguous()
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def encode_prompts(
+    paths: CheckpointPaths, settings: GenerationSettings
+) -> tuple[TextConditioning, TextConditioning | None]:
+    """Positive and (when cfg != 1) negative conditioning; T5 is freed afterwards."""
+    text = T5Conditioner.from_file(paths.t5, paths.tokenizer)
+    positive = text.encode(settings.prompt)
+    negative = None
+    if settings.cfg != 1.0:
+        negative = text.encode(settings.negative_prompt, zero_empty=settings.zero_empty_negative)
+    del text
+    gc.collect()
+    return positive, negative
+
+
+def sample_latents(
+    paths: CheckpointPaths, settings: GenerationSettings,
+    conds: tuple[TextConditioning, TextConditioning | None], *, device: torch.device,
+    attention: str = "sdpa", callback: SampleCallback | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """Load the DiT, sample ``1 × 12 × T × h × w`` fp32 DiT-space latents, free the DiT."""
+    from .checkpoints import load_dit  # noqa: PLC0415
+
+    dit = load_dit(paths.dit, device=device, attention=attention)
+    width, expected = conds[0].features.shape[-1], dit.config.t5_feat_dim
+    if width != expected:
+        raise ValueError(f"the text encoder gives {width}-d features but the DiT {paths.dit} "
+                         f"expects {expected}-d (T5-XXL: 4096); are the checkpoints a set?")
+    latents = sample(
+        dit, latents_or_shape=settings.latent_shape, positive=conds[0], negative=conds[1],
+        sigmas=linear_quadratic_schedule(settings.steps, settings.threshold_noise),
+        cfg=settings.cfg, generator=torch.Generator().manual_seed(settings.seed),
+        callback=callback, device=device,
+    )  # fmt: skip
+    del dit
+    _free(device)
+    return latents
+
+
+def decode_latents(
+    paths: CheckpointPaths, latents: torch.Tensor, *, device: torch.device,
+    frames_per_chunk: int | None = None, tile_size: int | None = None,
+    callback: DecodeCallback | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """Load the decoder and decode DiT-space latents to ``F × H × W × 3`` uint8 frames (fp32)."""
+    from .checkpoints import load_vae  # noqa: PLC0415
+    from .vae import dit_to_vae_latents  # noqa: PLC0415
+    from .vae_tiling import decode  # noqa: PLC0415
+
+    decoder = load_vae(paths.vae, device=device).decoder
+    if decoder is None:
+        raise ValueError(f"{paths.vae}: no VAE decoder in this file")
+    z_vae = dit_to_vae_latents(latents.to(device, torch.float32))
+    pixels = decode(decoder, z_vae, frames_per_chunk=frames_per_chunk, tile_size=tile_size,
+                    callback=callback)  # fmt: skip
+    del decoder
+    _free(device)
+    return pixels_to_uint8(pixels).cpu()
+
+
+def generate(
+    paths: CheckpointPaths, settings: GenerationSettings, *,
+    device: torch.device | str = "cpu", attention: str = "sdpa",
+    frames_per_chunk: int | None = None, tile_size: int | None = None,
+    sample_callback: SampleCallback | None = None,
+    decode_callback: DecodeCallback | None = None,
+) -> GenerationResult:  # fmt: skip
+    """Generate a video: prompts → latents → ``F × H × W × 3`` uint8 frames.
+
+    Args:
+        paths: the DiT, VAE and T5 checkpoints (any format :mod:`mochi_core.checkpoints` reads).
+        settings: validated first; nothing is loaded when they are invalid.
+        device: where the DiT and the decoder run (T5 runs in fp32 on the CPU).
+        frames_per_chunk / tile_size: decoder streaming and spatial tiling (latent units).
+        sample_callback: ``(step, total, x0_preview)`` per sampler step (raise to cancel).
+        decode_callback: ``(done, total)`` per decoded chunk/tile.
+    """
+    settings.validate()
+    device = torch.device(device)
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
+    conds = encode_prompts(paths, settings)
+    seconds["text"] = time.perf_counter() - start
+    latents = sample_latents(paths, settings, conds, device=device, attention=attention,
+                             callback=sample_callback)  # fmt: skip
+    seconds["sample"] = time.perf_counter() - start - seconds["text"]
+    frames = decode_latents(paths, latents, device=device, frames_per_chunk=frames_per_chunk,
+                            tile_size=tile_size, callback=decode_callback)  # fmt: skip
+    seconds["decode"] = time.perf_counter() - start - seconds["text"] - seconds["sample"]
+    log.info("generated %d frames %dx%d in %.1f s", frames.shape[0], frames.shape[2],
+             frames.shape[1], sum(seconds.values()))  # fmt: skip
+    return GenerationResult(frames, latents.cpu(), seconds)
