@@ -113,15 +113,20 @@ class CheckpointSource:
         """``__metadata__`` of the first file."""
         return dict(self.headers[0].metadata)
 
-    def load(self, keys: Iterable[str] | None = None, device: torch.device | str = "cpu"
-             ) -> dict[str, torch.Tensor]:
-        """Read ``keys`` (default all), file by file."""
+    def load(
+        self,
+        keys: Iterable[str] | None = None,
+        device: torch.device | str = "cpu",
+        transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Read ``keys`` (default all), file by file; ``transform`` as in :func:`load_tensors`."""
         wanted = list(self._owner) if keys is None else list(keys)
         out: dict[str, torch.Tensor] = {}
         for header in self.headers:
             mine = [k for k in wanted if self._owner.get(k) is header]
             if mine:
-                out.update(load_tensors(header.path, mine, device=device, header=header))
+                out.update(load_tensors(header.path, mine, device=device, header=header,
+                                        transform=transform))
         return out
 
 
@@ -550,6 +555,21 @@ def _cast_dit_entry(sd: dict[str, torch.Tensor], key: str, dtype: torch.dtype) -
         sd[key] = value.to(torch.bfloat16 if dtype in ops.FP8_DTYPES else dtype)
 
 
+def _pre_cast(key: str, value: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """The part of the storage policy that needs one tensor only, applied while reading.
+
+    Non-fp8 floating tensors go to ``dtype`` (bf16 when fp8 storage is asked for: the fp8
+    weights are quantized afterwards), norm weights and ``pos_frequencies`` to fp32. fp8 tensors
+    and scales are left for :func:`cast_dit_state_dict`, which needs their pairs.
+    """
+    if dtype is None or not value.is_floating_point() or value.dtype in ops.FP8_DTYPES \
+            or key.endswith((".scale_weight", ".scale_input")):
+        return value
+    if _FP32_KEYS.fullmatch(key):
+        return value.float()
+    return value.to(torch.bfloat16 if dtype in ops.FP8_DTYPES else dtype)
+
+
 def cast_dit_state_dict(
     sd: dict[str, torch.Tensor], dtype: torch.dtype | None
 ) -> dict[str, torch.Tensor]:
@@ -641,16 +661,22 @@ def _dit_part(src: CheckpointSource) -> tuple[DetectedFormat, str]:
 
 
 def load_dit_state_dict(
-    path: Path | str, *, device: torch.device | str = "cpu"
+    path: Path | str, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
 ) -> tuple[dict[str, torch.Tensor], DetectedFormat, str]:
-    """Read the DiT of any supported format as a Genmo-key state dict, as stored.
+    """Read the DiT of any supported format as a Genmo-key state dict.
 
     Returns ``(state_dict, format, file name)``; fp8-scaled files keep their fp8 weights and
     0-d ``<m>.scale_weight`` entries. Only the DiT tensors of an all-in-one file are read.
+    With a ``dtype``, non-fp8 tensors are cast as they are read (see :func:`_pre_cast`); call
+    :func:`cast_dit_state_dict` to complete the storage policy.
     """
     src = CheckpointSource.open(path, "transformer")
     fmt, prefix = _dit_part(src)
-    sd = strip_prefix(src.load([k for k in src.dtypes if k.startswith(prefix)], device), prefix)
+    n = len(prefix)
+    keys = [k for k in src.dtypes if k.startswith(prefix)]
+    # diffusers names contain "norm" wherever Genmo's do (and more: those become fp32 here and
+    # are cast by cast_dit_state_dict after the renaming)
+    sd = strip_prefix(src.load(keys, device, lambda k, v: _pre_cast(k[n:], v, dtype)), prefix)
     if fmt.name == "diffusers":
         sd = diffusers_to_genmo_dit(sd)
     log.info("%s: loading DiT from %s (%d tensors)", src.name, fmt, len(sd))
@@ -676,7 +702,7 @@ def load_dit(
     """
     from mochi_core.dit import AsymmDiT, DiTConfig  # noqa: PLC0415  (dit imports are heavy)
 
-    sd, fmt, name = load_dit_state_dict(path, device=device)
+    sd, fmt, name = load_dit_state_dict(path, device=device, dtype=dtype)
     config = _config(DiTConfig, sd, name, fmt)
     cast_dit_state_dict(sd, dtype)
     model = AsymmDiT(config, operations=operations, device="meta", attention=attention)

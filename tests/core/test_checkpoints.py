@@ -100,6 +100,18 @@ def test_storage_dtype_policy(files, dtype, src):
     assert model.blocks[1].attn.k_norm_y.weight.dtype == torch.float32
     norm = src["dit"]["blocks.1.attn.k_norm_y.weight"]
     assert torch.equal(model.blocks[1].attn.k_norm_y.weight, norm)
+    assert torch.equal(model.pos_frequencies, src["dit"]["pos_frequencies"])
+
+
+def test_diffusers_cast_on_load_keeps_fp32_where_required(files, src):
+    model = load_dit(files["diffusers"][0], dtype=torch.bfloat16)
+    assert torch.equal(model.pos_frequencies, src["dit"]["pos_frequencies"])
+    assert torch.equal(model.blocks[0].attn.q_norm_y.weight,
+                       src["dit"]["blocks.0.attn.q_norm_y.weight"])
+    for key, value in model.state_dict().items():
+        if key != "pos_frequencies" and "norm" not in key:
+            assert value.dtype == torch.bfloat16, key
+            assert torch.equal(value, src["dit"][key].bfloat16()), key
 
 
 def test_fp8_storage_from_fp32_is_scaled_and_close(files):
