@@ -65,6 +65,20 @@ def random_encoder_state_dict(
     return _random_state_dict(Encoder(config, device="meta"), generator)
 
 
+def build_decoder(config: DecoderConfig, sd: dict[str, torch.Tensor]) -> Decoder:
+    """Our decoder with ``sd`` assigned (built on meta: no wasted initialisation), in eval."""
+    model = Decoder(config, device="meta")
+    model.load_state_dict(sd, strict=True, assign=True)
+    return model.eval()
+
+
+def build_encoder(config: EncoderConfig, sd: dict[str, torch.Tensor]) -> Encoder:
+    """Our encoder with ``sd`` assigned, in eval."""
+    model = Encoder(config, device="meta")
+    model.load_state_dict(sd, strict=True, assign=True)
+    return model.eval()
+
+
 # ------------------------------------------------------------------------------------------
 # Host (ComfyUI) oracles
 # ------------------------------------------------------------------------------------------
