@@ -8,7 +8,10 @@ import subprocess
 import sys
 
 import av
+import pytest
+import torch
 
+from mochi_core.__main__ import main
 from mochi_core.demo import DEMO_TAG
 from mochi_core.video import read_video_info
 from tests.conftest import ROOT
@@ -40,23 +43,55 @@ def test_demo_writes_a_playable_labelled_mp4(tmp_path):
     assert "random" in proc.stderr.lower()  # the log says so, too
 
 
-def test_invalid_options_fail_before_loading_anything(tmp_path):
+def run_main_expecting_error(*args: str, capsys) -> str:
+    """Run the CLI in-process; it must exit with argparse's usage error (code 2)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(args))
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_invalid_options_fail_before_loading_anything(tmp_path, monkeypatch, capsys):
     existing = tmp_path / "taken.mp4"
     existing.write_bytes(b"keep")
     cache = tmp_path / "cache"
-    proc = run_cli("--demo", "--frames", "84", "--width", "850", "--output", str(existing),
-                   cache=cache)
-    assert proc.returncode == 2
-    assert "--frames must be 6k+1" in proc.stderr and "79 or 85" in proc.stderr
-    assert "--width must be a positive multiple of 16" in proc.stderr
-    assert "already exists" in proc.stderr
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    err = run_main_expecting_error("--demo", "--frames", "84", "--width", "850",
+                                   "--output", str(existing), capsys=capsys)
+    assert "--frames must be 6k+1" in err and "79 or 85" in err
+    assert "--width must be a positive multiple of 16" in err
+    assert "already exists" in err
     assert existing.read_bytes() == b"keep"
     assert not cache.exists(), "demo weights were written before validation failed"
 
 
-def test_real_mode_requires_checkpoints(tmp_path):
-    proc = run_cli("--prompt", "a cat", "--dit", str(tmp_path / "missing.safetensors"),
-                   "--output", str(tmp_path / "o.mp4"), cache=tmp_path / "cache")
-    assert proc.returncode == 2
-    assert "missing.safetensors: no such file" in proc.stderr
-    assert "--vae is required" in proc.stderr and "--t5 is required" in proc.stderr
+def test_real_mode_requires_checkpoints(tmp_path, capsys):
+    err = run_main_expecting_error(
+        "--prompt", "a cat", "--dit", str(tmp_path / "missing.safetensors"),
+        "--output", str(tmp_path / "o.avi"), "--fps", "0", capsys=capsys)
+    assert "missing.safetensors: no such file" in err
+    assert "--vae is required" in err and "--t5 is required" in err
+    assert "--output must end in one of .mp4, .webm, .gif, .webp" in err
+    assert "--fps must be > 0" in err
+
+
+def test_demo_checkpoints_load_through_the_real_loaders(tmp_path):
+    from mochi_core.checkpoints import detect_file, load_dit, load_vae  # noqa: PLC0415
+    from mochi_core.demo import is_demo_file, make_demo_checkpoints  # noqa: PLC0415
+    from mochi_core.text import T5Conditioner  # noqa: PLC0415
+
+    paths = make_demo_checkpoints(tmp_path, seed=4)
+    assert all(is_demo_file(p) for p in (paths.dit, paths.vae, paths.t5))
+    assert detect_file(paths.dit).name == "genmo"
+    assert detect_file(paths.vae).name == "comfy_combined"
+    assert detect_file(paths.t5).kind == "t5"
+    dit = load_dit(paths.dit)
+    assert (dit.config.depth, dit.config.hidden_size_x, dit.config.num_heads) == (2, 128, 2)
+    vae = load_vae(paths.vae)
+    assert vae.halves == ("encoder", "decoder")
+    text = T5Conditioner.from_file(paths.t5)
+    assert text.encoder.config.vocab_size == 32128
+    assert text.encoder.shared.weight.dtype == torch.float32  # fp16 file, fp32 compute
+    stamp = paths.dit.stat().st_mtime_ns
+    assert make_demo_checkpoints(tmp_path, seed=4) == paths
+    assert paths.dit.stat().st_mtime_ns == stamp, "an up-to-date demo set was rewritten"
