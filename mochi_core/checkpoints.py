@@ -143,6 +143,7 @@ def _index_shards(index: Path) -> list[Path]:
 
 
 def _files_in_dir(folder: Path) -> list[Path]:
+    """The checkpoint file(s) of a model folder: a shard index, else one .safetensors."""
     indexes = sorted(folder.glob("*.safetensors.index.json"))
     if indexes:
         return _index_shards(indexes[0])
@@ -196,6 +197,7 @@ UNKNOWN = DetectedFormat("unknown")
 
 
 def _has_fp8(dtypes: Mapping[str, torch.dtype], keys: Iterable[str]) -> bool:
+    """Whether any of ``keys`` is stored in an fp8 dtype."""
     return any(dtypes[k] in ops.FP8_DTYPES for k in keys)
 
 
@@ -210,17 +212,18 @@ def detect_dit_format(dtypes: Mapping[str, torch.dtype]) -> DetectedFormat | Non
     else:
         return None
     keys = [k for k in dtypes if k.startswith(prefix)]
-    origin = "comfy" if prefix else "genmo"
+    origin = "comfy" if prefix else "genmo"  # kijai's bf16 file is Genmo's layout
     if any(k.endswith(_GGUF_SUFFIXES) for k in keys):
         return DetectedFormat("dit", "kijai_gguf", prefix=prefix)
     if prefix + FP8_MARKER in dtypes or any(k.endswith(".scale_weight") for k in keys):
         return DetectedFormat("dit", "comfy_fp8_scaled", prefix=prefix)
     if _has_fp8(dtypes, keys):
-        return DetectedFormat("dit", f"{'comfy' if prefix else 'kijai'}_fp8", prefix=prefix)
+        return DetectedFormat("dit", "comfy_fp8" if prefix else "kijai_fp8", prefix=prefix)
     return DetectedFormat("dit", origin, prefix=prefix)
 
 
 def _halves(dtypes: Mapping[str, torch.dtype], prefix: str) -> tuple[str, ...]:
+    """The Genmo VAE halves present under ``prefix`` + ``encoder.``/``decoder.``."""
     enc = {prefix + "encoder." + _ENCODER_MARKER, prefix + "encoder." + _ENCODER_MARKER2}
     dec = {prefix + "decoder." + _DECODER_MARKER, prefix + "decoder." + _DECODER_MARKER2}
     return tuple(name for name, marks in (("encoder", enc), ("decoder", dec))
@@ -248,6 +251,7 @@ def detect_vae_format(dtypes: Mapping[str, torch.dtype]) -> DetectedFormat | Non
 
 
 def _detect_other(dtypes: Mapping[str, torch.dtype]) -> DetectedFormat:
+    """T5, LoRA or foreign (Stable Diffusion) VAE key sets; else unknown."""
     keys = dtypes.keys()
     if _T5_MARKER in keys or T5_PREFIX + _T5_MARKER in keys:
         return DetectedFormat("t5", "t5xxl_encoder", prefix=T5_PREFIX if T5_PREFIX + _T5_MARKER
@@ -256,6 +260,8 @@ def _detect_other(dtypes: Mapping[str, torch.dtype]) -> DetectedFormat:
         return DetectedFormat("lora", "genmo")
     if any(k.endswith((".lora_A.weight", ".lora_down.weight")) for k in keys):
         return DetectedFormat("lora", "other")
+    if any(k.startswith(COMFY_PREFIX) for k in keys):
+        return DetectedFormat("unknown", "diffusion model of another architecture (not Mochi)")
     if any("decoder.up." in k or k.startswith("first_stage_model.") for k in keys):
         return DetectedFormat("vae", "stable_diffusion (not a Mochi VAE)")
     return UNKNOWN
@@ -333,6 +339,7 @@ def _rename_all(sd: Mapping[str, torch.Tensor], rename: Rename) -> dict[str, tor
 
 
 def _sub(rules: Sequence[tuple[str, str]], key: str) -> str | None:
+    """The first rule whose pattern matches all of ``key``, expanded; else None."""
     for pattern, template in rules:
         match = re.fullmatch(pattern, key)
         if match:
@@ -367,6 +374,7 @@ _DIT_BLOCK_RULES = (
 
 
 def _rename_diffusers_dit(key: str) -> tuple[str, int | None] | None:
+    """One diffusers transformer key -> (Genmo key, q/k/v part or None)."""
     block = re.fullmatch(r"transformer_blocks\.(\d+)\.(.+)", key)
     if block is None:
         top = _sub(_DIT_TOP_RULES, key)
@@ -543,6 +551,7 @@ def quantize_fp8(weight: torch.Tensor, fp8: torch.dtype) -> tuple[torch.Tensor, 
 
 
 def _cast_dit_entry(sd: dict[str, torch.Tensor], key: str, dtype: torch.dtype) -> None:
+    """Apply the storage policy of :func:`cast_dit_state_dict` to one entry."""
     value = sd[key]
     if key.endswith(".scale_weight") or not value.is_floating_point():
         return
@@ -605,6 +614,7 @@ def _key_report(expected: Mapping[str, tuple[int, ...]], sd: Mapping[str, torch.
 
 
 def _fail_load(name: str, fmt: DetectedFormat | str, detail: str) -> CheckpointError:
+    """A :class:`CheckpointError` naming the file and the format it looked like."""
     return CheckpointError(f"{name}: looks like {fmt}, but {detail}")
 
 
@@ -800,6 +810,7 @@ def load_vae_state_dicts(
 
 
 def _build_half(half: str, sd: dict[str, torch.Tensor], name: str, operations) -> nn.Module:
+    """Build one VAE half on the meta device and load ``sd`` into it."""
     from mochi_core import vae  # noqa: PLC0415
 
     config_cls, model_cls = ((vae.EncoderConfig, vae.Encoder) if half == "encoder"

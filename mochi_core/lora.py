@@ -96,6 +96,7 @@ def _scale_for(module: str, rank: int, kwargs: Mapping, alpha: torch.Tensor | No
 
 
 def _strip(key: str) -> str:
+    """``key`` without a ComfyUI diffusion-model prefix."""
     for prefix in PREFIXES:
         if key.startswith(prefix):
             return key[len(prefix):]

@@ -96,6 +96,7 @@ class SafetensorsHeader:
 
 
 def _fail(path: Path | str, message: str) -> CheckpointError:
+    """A :class:`CheckpointError` whose message starts with the file name."""
     return CheckpointError(f"{Path(path).name}: {message}")
 
 
@@ -131,6 +132,7 @@ def refuse_pickle(path: Path | str) -> None:
 
 
 def _parse_json(path: Path, raw: bytes) -> dict:
+    """The header as a JSON object (duplicate keys refused)."""
     def no_duplicates(pairs: list[tuple[str, object]]) -> dict:
         out: dict = {}
         for key, value in pairs:
@@ -149,10 +151,12 @@ def _parse_json(path: Path, raw: bytes) -> dict:
 
 
 def _is_int(x: object) -> bool:
+    """An int that is not a bool."""
     return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _parse_entry(path: Path, key: str, entry: object) -> TensorInfo:
+    """One validated tensor entry of the header."""
     if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
         raise _fail(path, f"tensor {key!r}: entry must have exactly dtype, shape, data_offsets")
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]

@@ -215,6 +215,15 @@ def test_wrong_model_is_refused_clearly(files, name, loader, words):
         assert word in str(err.value)
 
 
+def test_checkpoint_of_another_model_is_named(tmp_path):
+    sd = {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3),
+          "first_stage_model.decoder.up.0.block.0.conv1.weight": torch.zeros(4, 4, 3, 3),
+          "cond_stage_model.transformer.text_model.embeddings.position_ids": torch.zeros(1, 77)}
+    save_file(sd, str(tmp_path / "sd15.safetensors"))
+    with pytest.raises(CheckpointError, match="sd15.safetensors: not a Mochi DiT.*another arch"):
+        load_dit(tmp_path / "sd15.safetensors")
+
+
 def test_truncated_file(files, tmp_path):
     data = files["comfy"][0].read_bytes()
     path = tmp_path / "cut.safetensors"
