@@ -66,7 +66,10 @@ def _check(args: argparse.Namespace, parser: argparse.ArgumentParser):
 
     settings = _settings(args)
     errors = [f"--{k.replace('_', '-')} {v}" for k, v in settings.problems().items()]
-    if not args.demo:
+    if args.demo:
+        errors += [f"--{n} cannot be combined with --demo (it writes its own weights)"
+                   for n in ("dit", "vae", "t5") if getattr(args, n) is not None]  # fmt: skip
+    else:
         if args.prompt is None:
             errors.append("--prompt is required (unless --demo)")
         errors += [f"--{n} is required (unless --demo)" for n in ("dit", "vae", "t5")

@@ -57,7 +57,9 @@ def test_invalid_options_fail_before_loading_anything(tmp_path, monkeypatch, cap
     cache = tmp_path / "cache"
     monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
     err = run_main_expecting_error("--demo", "--frames", "84", "--width", "850",
-                                   "--output", str(existing), capsys=capsys)
+                                   "--output", str(existing), "--dit", "x.safetensors",
+                                   capsys=capsys)  # fmt: skip
+    assert "--dit cannot be combined with --demo" in err
     assert "--frames must be 6k+1" in err and "79 or 85" in err
     assert "--width must be a positive multiple of 16" in err
     assert "already exists" in err

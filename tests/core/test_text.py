@@ -57,6 +57,14 @@ def test_tokenizer_is_found_without_arguments():
     assert directory.parts[-3:] == TOKENIZER_SUBDIR.parts
 
 
+def test_tokenizer_is_searched_on_sys_path(tmp_path, monkeypatch):
+    fake = tmp_path / TOKENIZER_SUBDIR
+    fake.mkdir(parents=True)
+    (fake / "tokenizer.json").write_text("{}")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert find_tokenizer_dir() == fake
+
+
 def test_missing_explicit_tokenizer_dir_fails_clearly(tmp_path: Path):
     with pytest.raises(FileNotFoundError, match="tokenizer.json.*--tokenizer"):
         find_tokenizer_dir(tmp_path)
