@@ -52,6 +52,7 @@ __all__ = [
     "diffusers_to_genmo_vae",
     "load_dit",
     "load_dit_state_dict",
+    "load_t5",
     "load_t5_state_dict",
     "load_vae",
     "load_vae_state_dicts",
@@ -720,30 +721,48 @@ def load_dit(
     return load_into(model, sd, name, fmt)
 
 
-def load_t5_state_dict(
-    path: Path | str, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
-) -> dict[str, torch.Tensor]:
-    """The T5-XXL encoder weights (Hugging Face ``T5EncoderModel`` keys) of a standalone T5 file
-    or of the ``text_encoders.t5xxl.transformer.`` part of an all-in-one checkpoint.
-
-    fp8-scaled T5 files are dequantized to ``dtype`` (bf16 when ``dtype`` is ``None``).
-    """
+def _t5_source(path: Path | str) -> CheckpointSource:
+    """The file, checked to hold a T5-XXL encoder (standalone or inside an all-in-one file)."""
     src = CheckpointSource.open(path)
     dtypes = src.dtypes
-    if T5_PREFIX + _T5_MARKER in dtypes:
-        prefix = T5_PREFIX
-    elif _T5_MARKER in dtypes:
-        prefix = ""
-    else:
+    if _T5_MARKER not in dtypes and T5_PREFIX + _T5_MARKER not in dtypes:
         raise CheckpointError(f"{src.name}: no T5-XXL encoder found; it looks like "
                               f"{detect_format(dtypes)}")
-    sd = strip_prefix(src.load([k for k in dtypes if k.startswith(prefix)], device), prefix)
-    sd = take_fp8_scales(sd, src.name)
-    if any(v.dtype in ops.FP8_DTYPES for v in sd.values()):
-        dequantize_fp8(sd, dtype or torch.bfloat16)
-    if dtype is not None:
-        sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
-    return sd
+    if len(src.files) != 1:
+        raise CheckpointError(f"{src.name}: sharded T5 folders are not supported; use a single "
+                              "t5xxl .safetensors file")
+    return src
+
+
+def load_t5_state_dict(
+    path: Path | str, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
+    """The T5-XXL encoder weights (Hugging Face ``T5EncoderModel`` keys, in ``dtype``) of a
+    standalone T5 file or of the ``text_encoders.t5xxl.transformer.`` part of an all-in-one
+    checkpoint; fp8-scaled files are dequantized (see
+    :func:`mochi_core.text.normalize_t5_state_dict`).
+    """
+    from mochi_core.safetensors_io import LazyTensors  # noqa: PLC0415
+    from mochi_core.text import normalize_t5_state_dict  # noqa: PLC0415
+
+    src = _t5_source(path)
+    sd = normalize_t5_state_dict(LazyTensors(src.files[0], src.headers[0]), dtype)
+    return {k: v.to(device) for k, v in sd.items()}
+
+
+def load_t5(
+    path: Path | str,
+    tokenizer_dir: Path | str | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+):
+    """A :class:`mochi_core.text.T5Conditioner` from a T5 or all-in-one file, after checking
+    that the file holds a T5 encoder (a clear error names the file and what it looks like)."""
+    from mochi_core.text import T5Conditioner  # noqa: PLC0415
+
+    src = _t5_source(path)
+    return T5Conditioner.from_file(src.files[0], tokenizer_dir, dtype=dtype, device=device)
 
 
 # --------------------------------------------------------------------------------------------

@@ -179,9 +179,11 @@ def test_all_in_one_yields_dit_vae_and_t5(files, src):
     assert torch.equal(model.t5_yproj.weight, src["dit"]["t5_yproj.weight"].bfloat16())
     ff.run_dit(model)
     assert_vae_equal(load_vae(path), src, torch.bfloat16)
-    t5 = ck.load_t5_state_dict(path)
+    t5 = ck.load_t5_state_dict(path, dtype=torch.bfloat16)
     assert set(t5) == set(src["t5"])
     assert torch.equal(t5["shared.weight"], src["t5"]["shared.weight"].bfloat16())
+    with pytest.raises(CheckpointError, match="no T5-XXL encoder found; it looks like dit/comfy"):
+        ck.load_t5(files["comfy"][0])
 
 
 @pytest.mark.parametrize(("name", "description"), [
