@@ -41,8 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", type=Path, help="directory with the T5 tokenizer.json")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     p.add_argument("--attention", default="sdpa", choices=("sdpa", "flash", "sage"))
-    p.add_argument("--decode-chunk", type=int, default=None,
-                   help="latent frames per decoder call (default: all at once)")  # fmt: skip
+    p.add_argument("--decode-chunk", type=int, default=3,
+                   help="latent frames per streamed decoder call; exact for any value, "
+                        "smaller uses less memory (default 3)")  # fmt: skip
     p.add_argument("--demo", action="store_true",
                    help="random small weights, small defaults; output is NOISE")  # fmt: skip
     return p
@@ -88,6 +89,8 @@ def _check(args: argparse.Namespace, parser: argparse.ArgumentParser):
         errors.append(f"--output {args.output} already exists (never overwritten)")
     if not args.fps > 0:
         errors.append(f"--fps must be > 0, got {args.fps}")
+    if args.decode_chunk < 1:
+        errors.append(f"--decode-chunk must be >= 1, got {args.decode_chunk}")
     if not 0 <= args.quality <= 100:
         errors.append(f"--quality must be in 0..100, got {args.quality}")
     if errors:
