@@ -54,9 +54,12 @@ class LoRALayer:
         """The LoRA rank r."""
         return self.down.shape[0]
 
-    def delta(self, strength: float = 1.0) -> torch.Tensor:
-        """``strength · scale · up @ down`` in fp32, shape (out, in)."""
-        return (self.up.float() @ self.down.float()) * (strength * self.scale)
+    def delta(self, strength: float = 1.0, device: torch.device | str | None = None
+              ) -> torch.Tensor:
+        """``strength · scale · up @ down`` in fp32, shape (out, in), computed on ``device``."""
+        up, down = self.up.to(device=device, dtype=torch.float32), self.down.to(
+            device=device, dtype=torch.float32)
+        return (up @ down) * (strength * self.scale)
 
 
 @dataclass
@@ -200,7 +203,7 @@ def _merged(module: nn.Module, layer: LoRALayer, strength: float) -> torch.Tenso
     scale = getattr(module, "scale_weight", None)
     if scale is not None:
         base = base * scale.float()
-    delta = layer.delta(strength).to(device=weight.device)
+    delta = layer.delta(strength, weight.device)
     dtype = torch.bfloat16 if weight.dtype in ops.FP8_DTYPES else weight.dtype
     return (base + delta).to(dtype)
 

@@ -358,7 +358,8 @@ def test_real_diffusers_vae_file_converts_exactly(tmp_path):
     (tmp_path / "vae").mkdir()
     save_file(sd, str(tmp_path / "vae" / "diffusion_pytorch_model.safetensors"))
     assert detect_file(tmp_path).description == "vae/diffusers (encoder+decoder)"
-    vae = load_vae(tmp_path)
+    vae = load_vae(tmp_path / "vae" / "diffusion_pytorch_model.safetensors")
+    assert vae.halves == ("encoder", "decoder")
     back = ff.genmo_to_diffusers_vae(vae.encoder.state_dict(), vae.decoder.state_dict())
     assert set(back) == set(sd)
     assert all(torch.equal(back[k], v) for k, v in sd.items())
