@@ -157,11 +157,20 @@ def _files_in_dir(folder: Path) -> list[Path]:
                           f"found {names[:6] or 'none'}")
 
 
+def _shard_set(path: Path) -> list[Path]:
+    """All shards when ``path`` is one shard listed by an index beside it, else ``[path]``."""
+    for index in sorted(path.parent.glob("*.safetensors.index.json")):
+        shards = _index_shards(index)
+        if path in shards:
+            return shards
+    return [path]
+
+
 def resolve_files(path: Path | str, component: str | None = None) -> list[Path]:
     """The safetensors file(s) behind ``path``: a file, a model folder or a diffusers repo."""
     path = Path(path)
     if path.is_file():
-        return [path]
+        return _shard_set(path)
     if not path.is_dir():
         raise CheckpointError(f"{path.name}: no such file or directory: {path}")
     if component and (path / component).is_dir():

@@ -131,6 +131,8 @@ def test_diffusers_folder_file_and_transformer_dir(files):
     root, written = files["diffusers"]
     assert detect_file(root).description == "dit/diffusers"
     assert_loaded(load_dit(root / "transformer"), written)
+    one_shard = next((root / "transformer").glob("*-00002-of-00002.safetensors"))
+    assert_loaded(load_dit(one_shard), written)  # a shard picks up its siblings via the index
 
 
 def run_vae(vae: ck.MochiVAE) -> None:
