@@ -104,6 +104,12 @@ def test_comfy_prefixed_and_fp8_scaled_manifests_detect_and_strip(genmo_dit):
     weights = {k: v for k, v in sd.items() if not k.endswith(".scale_weight")}
     assert_same_keys(shapes_of(weights), genmo_dit)
     assert len(sd) - len(weights) == len(linears)
+    # every scale finds its Linear in the full-size model, which then expects exactly these keys
+    from mochi_core.dit import AsymmDiT, DiTConfig
+
+    model = AsymmDiT(DiTConfig.mochi_preview(), device="meta")
+    ck._prepare_scales(model, sd)
+    assert not ck._key_report(shapes_of(model.state_dict()), sd)
 
 
 def test_all_in_one_manifest_detection(genmo_dit):
