@@ -147,29 +147,43 @@ def load_lora(path: str | Path) -> LoRAWeights:
     return lora
 
 
+@dataclass
+class _Patch:
+    """One patched layer: the original weight and scale, and the merged weight put in place."""
+
+    weight: nn.Parameter
+    scale: torch.Tensor | None
+    merged: nn.Parameter
+
+
 class LoRAHandle:
     """Undo record of :func:`apply_lora`; ``remove()`` puts the original tensors back."""
 
-    def __init__(self, model: nn.Module, backups: dict[str, tuple[nn.Parameter, object]]) -> None:
+    def __init__(self, model: nn.Module, patches: dict[str, _Patch]) -> None:
         self._model = model
-        self._backups = backups
+        self._patches = patches
 
     @property
     def layers(self) -> tuple[str, ...]:
         """Module paths that are currently patched."""
-        return tuple(self._backups)
+        return tuple(self._patches)
 
     def remove(self) -> None:
         """Restore the original weights (and fp8 scales) exactly. Idempotent.
 
-        When several LoRAs are stacked, remove them in reverse order of application.
+        Stacked LoRAs must be removed in reverse order of application; removing one that is
+        still covered by a later LoRA raises ``RuntimeError`` and changes nothing.
         """
-        for module_name, (weight, scale) in self._backups.items():
-            module = self._model.get_submodule(module_name)
-            module.weight = weight
-            if scale is not None:
-                module.scale_weight = scale
-        self._backups = {}
+        modules = {name: self._model.get_submodule(name) for name in self._patches}
+        covered = [n for n, p in self._patches.items() if modules[n].weight is not p.merged]
+        if covered:
+            raise RuntimeError(f"LoRA layers {covered[:3]} were patched again after this LoRA; "
+                               "remove the later LoRA first")
+        for name, patch in self._patches.items():
+            modules[name].weight = patch.weight
+            if patch.scale is not None:
+                modules[name].scale_weight = patch.scale
+        self._patches = {}
 
     def __enter__(self) -> LoRAHandle:
         return self
@@ -214,14 +228,14 @@ def apply_lora(model: nn.Module, lora: LoRAWeights, strength: float = 1.0) -> Lo
     Nothing is modified if any LoRA layer does not fit the model.
     """
     _check_fits(model, lora)
-    backups: dict[str, tuple[nn.Parameter, object]] = {}
+    patches: dict[str, _Patch] = {}
     with torch.no_grad():
         for name, layer in lora.layers.items():
             module = model.get_submodule(name)
-            merged = _merged(module, layer, strength)
-            backups[name] = (module.weight, getattr(module, "scale_weight", None))
-            module.weight = nn.Parameter(merged, requires_grad=False)
-            if backups[name][1] is not None:
+            merged = nn.Parameter(_merged(module, layer, strength), requires_grad=False)
+            patches[name] = _Patch(module.weight, getattr(module, "scale_weight", None), merged)
+            module.weight = merged
+            if patches[name].scale is not None:
                 module.scale_weight = None
-    log.info("applied LoRA %s to %d layers (strength %g)", lora.name, len(backups), strength)
-    return LoRAHandle(model, backups)
+    log.info("applied LoRA %s to %d layers (strength %g)", lora.name, len(patches), strength)
+    return LoRAHandle(model, patches)

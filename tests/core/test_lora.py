@@ -115,6 +115,23 @@ def test_fp8_scaled_model_merges_in_bf16_and_restores_fp8(dit_files):
     assert torch.equal(ff.run_dit(model), reference)
 
 
+def test_stacked_loras_remove_in_reverse_order_only(dit_files):
+    model = load_dit(dit_files["fp8"])
+    before = snapshot(model)
+    first = apply_lora(model, lora_from_state_dict(lora_tensors(model, seed=1)), 0.5)
+    after_first = snapshot(model)
+    second = apply_lora(model, lora_from_state_dict(lora_tensors(model, seed=2)), 1.0)
+    with pytest.raises(RuntimeError, match="remove the later LoRA first"):
+        first.remove()
+    second.remove()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in after_first.items())
+    first.remove()
+    state = model.state_dict()
+    assert set(state) == set(before)
+    assert all(state[k].dtype == v.dtype and torch.equal(state[k].float(), v.float())
+               for k, v in before.items())
+
+
 def test_lora_for_another_model_fails_and_changes_nothing(dit_files):
     model = load_dit(dit_files["fp32"])
     before = snapshot(model)
