@@ -77,6 +77,11 @@ def sdpa_attention(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :])
 
 
+def _half_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype the fp16/bf16-only kernels run ``t`` in: its own, or bf16 for fp32."""
+    return t.dtype if t.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+
+
 def _flash_varlen(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None
 ) -> torch.Tensor:
@@ -90,7 +95,7 @@ def _flash_varlen(
     B, _, S, _ = q.shape
     if valid is None:
         valid = torch.ones(B, S, dtype=torch.bool, device=q.device)
-    run_dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+    run_dtype = _half_dtype(q)
     lengths = valid.sum(dim=1, dtype=torch.int32)
     cu_seqlens = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
     max_len = int(lengths.max())
@@ -110,11 +115,18 @@ def _flash_varlen(
 def _sage(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None
 ) -> torch.Tensor:
-    """SageAttention over ``B × heads × S × D`` (no masks: ``valid`` must be None)."""
+    """SageAttention over ``B × heads × S × D`` (no masks: ``valid`` must be None).
+
+    fp32 inputs run in bf16 (SageAttention has fp16/bf16 kernels only).
+    """
     if valid is not None:
         raise ValueError("sage attention takes no mask; run ragged batches with attend()")
     sageattention = importlib.import_module("sageattention")
-    return sageattention.sageattn(q, k, v, tensor_layout="HND", is_causal=False)
+    run_dtype = _half_dtype(q)
+    out = sageattention.sageattn(
+        q.to(run_dtype), k.to(run_dtype), v.to(run_dtype), tensor_layout="HND", is_causal=False
+    )
+    return out.to(q.dtype)
 
 
 def _unavailable_reason(name: str) -> str | None:

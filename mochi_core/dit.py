@@ -129,9 +129,18 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
 
 
+def inv_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """``1 / sqrt(mean(x²) + eps)`` over the last dim, accumulated in fp32: (..., D) → (..., 1).
+
+    One reduction pass, no fp32 copy of ``x``.
+    """
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)
+    return norm.square_().div_(x.shape[-1]).add_(eps).rsqrt_()
+
+
 def modulated_rmsnorm(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``RMSNorm(x)·(1 + scale)`` in fp32, no weight; x (B, S, D), scale (B, D) → x.dtype."""
-    normed = F.rms_norm(x.float(), (x.shape[-1],), eps=MOD_NORM_EPS)
+    normed = x * inv_rms(x, MOD_NORM_EPS)  # fp32 by type promotion, a new tensor
     return normed.mul_(1.0 + scale.float().unsqueeze(1)).to(x.dtype)
 
 
@@ -140,7 +149,7 @@ def gated_residual(x: torch.Tensor, branch: torch.Tensor, gate: torch.Tensor) ->
 
     x, branch (B, S, D); gate (B, D); returns x.dtype.
     """
-    normed = F.rms_norm(branch.float(), (branch.shape[-1],), eps=MOD_NORM_EPS)
+    normed = branch * inv_rms(branch, MOD_NORM_EPS)
     return x + normed.mul_(torch.tanh(gate.float()).unsqueeze(1)).to(x.dtype)
 
 
@@ -283,7 +292,7 @@ class QKNorm(_KeepsFp32):
     ) -> torch.Tensor:
         """t (B, S, heads, D) → normalized (and rotated) in fp32, returned in ``dtype``."""
         weight = self.weight.to(device=t.device, dtype=torch.float32)
-        normed = F.rms_norm(t.float(), (t.shape[-1],), weight=weight, eps=QK_NORM_EPS)
+        normed = (t * inv_rms(t, QK_NORM_EPS)).mul_(weight)
         if rotation is not None:
             normed = apply_rope(normed, rotation)
         return normed.to(dtype)
@@ -493,7 +502,7 @@ class AsymmDiT(_KeepsFp32):
 
         Args:
             x: (B, C, T, H, W) latents in DiT space; H and W divisible by the patch size.
-            sigma: (B,) noise level, 1 = pure noise.
+            sigma: (B,) noise level, 1 = pure noise (a 0-d tensor is broadcast).
             y_feat: (B, L, 4096) T5 features; padded rows are ignored.
             y_mask: (B, L) bool, a right-padded prefix of real tokens per row.
             rope_pos: optional (T·H/p·W/p, 3) positions from :func:`rope_positions`
@@ -509,7 +518,7 @@ class AsymmDiT(_KeepsFp32):
         lengths = text_lengths(y_mask)
         L = int(lengths.max()) if B else 0
         y_mask = y_mask[:, :L].bool()
-        c, y = self._conditioning(sigma, y_feat[:, :L], y_mask, dtype)
+        c, y = self._conditioning(sigma.reshape(-1).expand(B), y_feat[:, :L], y_mask, dtype)
         x_tok = self.x_embedder(x.to(dtype))
         N = x_tok.shape[1]
         if rope_pos is None:
