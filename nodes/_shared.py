@@ -38,8 +38,12 @@ MAX_FRAMES = 6 * 60 + 1
 
 
 def choice_error(name: str, value, options) -> str | None:
-    """A message naming ``name`` and the allowed values when ``value`` is not one of them."""
-    if value in options:
+    """A message naming ``name`` and the allowed values when ``value`` is not one of them.
+
+    Like every check here, a ``None`` value (an input linked from another node, whose value is
+    not known at validation time) passes.
+    """
+    if value is None or value in options:
         return None
     shown = ", ".join(map(str, options[:12])) + (", ..." if len(options) > 12 else "")
     return f"{name}: {value!r} is not one of the allowed values ({shown})"
@@ -47,7 +51,7 @@ def choice_error(name: str, value, options) -> str | None:
 
 def file_error(name: str, folder: str, value: str, allow_none: bool = False) -> str | None:
     """A message when ``value`` is not a file of the host's model folder ``folder``."""
-    if allow_none and value == NONE:
+    if value is None or (allow_none and value == NONE):
         return None
     if value and folder_paths.get_full_path(folder, value) is not None:
         return None
@@ -69,6 +73,8 @@ def model_path(folder: str, name: str) -> str:
 
 def frames_error(name: str, frames: int) -> str | None:
     """Mochi's causal VAE needs 6k+1 pixel frames."""
+    if frames is None:
+        return None
     if isinstance(frames, int) and 7 <= frames <= MAX_FRAMES and (frames - 1) % 6 == 0:
         return None
     lower = max(1, ((frames - 1) // 6) * 6 + 1) if isinstance(frames, int) else 7
@@ -80,6 +86,8 @@ def frames_error(name: str, frames: int) -> str | None:
 
 def size_error(name: str, value: int) -> str | None:
     """The DiT needs width and height in multiples of 16 (2x2 patches of the 8x latent)."""
+    if value is None:
+        return None
     if isinstance(value, int) and 16 <= value <= MAX_SIZE and value % 16 == 0:
         return None
     return f"{name} must be a multiple of 16 between 16 and {MAX_SIZE}; got {value}"
@@ -87,7 +95,7 @@ def size_error(name: str, value: int) -> str | None:
 
 def range_error(name: str, value, low, high) -> str | None:
     """A message naming ``name`` and its range when ``value`` falls outside [low, high]."""
-    if low <= value <= high:
+    if value is None or low <= value <= high:
         return None
     return f"{name} must be between {low} and {high}; got {value}"
 

@@ -37,7 +37,9 @@ def parse_cfg_schedule(spec: str, steps: int) -> list[float] | None:
     return (table[low] + (pos - low) * (table[low + 1] - table[low])).tolist()
 
 
-def cfg_schedule_error(spec: str) -> str | None:
+def cfg_schedule_error(spec: str | None) -> str | None:
+    if spec is None:
+        return None
     try:
         values = [float(v) for v in spec.replace(";", ",").split(",") if v.strip()]
     except ValueError:
@@ -124,10 +126,10 @@ class Sampler(io.ComfyNode):
             frames_error("frames", frames), range_error("steps", steps, 1, 1000),
             range_error("cfg", cfg, 0.0, 30.0), range_error("denoise", denoise, 0.01, 1.0),
             range_error("threshold_noise", threshold_noise, 0.001, 0.999),
-            None if linear_steps < steps else
+            None if None in (linear_steps, steps) or linear_steps < steps else
             f"linear_steps must be 0 (auto) or below steps ({steps}); got {linear_steps}",
             choice_error("batch_cfg", batch_cfg, list(BATCH_CFG)),
-            cfg_schedule_error(cfg_schedule or ""))
+            cfg_schedule_error(cfg_schedule))
 
     @classmethod
     def execute(cls, model, positive, negative, width, height, frames, steps, cfg, seed,

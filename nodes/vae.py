@@ -78,10 +78,11 @@ class VAEDecode(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, tile_size, tile_overlap, frame_chunk) -> bool | str:
-        overlap_ok = tile_size == 0 or tile_overlap < tile_size
+        overlap_ok = not tile_size or tile_overlap is None or tile_overlap < tile_size
         return first_error(
             range_error("tile_size", tile_size, 0, MAX_SIZE),
-            None if tile_size % 16 == 0 else f"tile_size must be a multiple of 16; got {tile_size}",
+            None if not tile_size or (tile_size % 16 == 0 and tile_size >= 64) else
+            f"tile_size must be 0 (whole frames) or a multiple of 16 from 64; got {tile_size}",
             range_error("tile_overlap", tile_overlap, 0, 512),
             None if overlap_ok else f"tile_overlap ({tile_overlap}) must be below tile_size "
                                     f"({tile_size})",

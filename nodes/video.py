@@ -20,6 +20,8 @@ FORMATS = {"mp4 (H.264)": "mp4", "webm (VP9)": "webm", "gif": "gif", "webp (anim
 
 def prefix_error(filename_prefix: str) -> str | None:
     """Refuse a prefix that would write outside the output folder."""
+    if filename_prefix is None:
+        return None
     out = os.path.realpath(folder_paths.get_output_directory())
     target = os.path.realpath(os.path.join(out, filename_prefix or "x"))
     if filename_prefix and os.path.commonpath([out, target]) == out and not os.path.isabs(

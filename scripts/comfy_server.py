@@ -27,6 +27,8 @@ STARTUP_TIMEOUT = 120.0
 SETTINGS = {
     "Comfy.TutorialCompleted": True,
     "Comfy.Workflow.ShowMissingModelsWarning": False,
+    "Comfy.Minimap.Visible": False,
+    "Comfy.Graph.CanvasInfo": False,
 }
 
 

@@ -27,7 +27,7 @@ def acquire(tmp_root: Path) -> ComfyServer:
         base.mkdir(parents=True)
         seed_base(base)
         names = fill_demo_models(base / "models")
-        server = start_server(base)
+        server = start_server(base, ("--preview-method", "latent2rgb"))
         server.demo_files = names
         _Shared.server = server
     _Shared.users += 1
