@@ -232,7 +232,9 @@ async ({nodes, links}) => {
     const target = made[to];
     const index = target.inputs.findIndex((i) => i.name === input);
     if (index < 0) throw new Error(`${target.type} has no input ${input}`);
-    if (!made[from].connect(slot, target, index)) throw new Error(`cannot link ${from} -> ${to}.${input}`);
+    if (!made[from].connect(slot, target, index)) {
+      throw new Error(`cannot link ${from} -> ${to}.${input}`);
+    }
   }
   return app.graph.serialize();
 }
