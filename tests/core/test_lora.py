@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from mochi_core.checkpoints import load_dit
+from mochi_core.checkpoints import detect_file, load_dit
 from mochi_core.lora import apply_lora, load_lora, lora_from_state_dict
 from mochi_core.safetensors_io import CheckpointError
 from tests import fixtures_formats as ff
@@ -79,6 +79,7 @@ def test_scale_from_metadata_and_per_layer_alpha(dit_files, tmp_path):
               "out_proj_lora_alpha": 2, "qkv_proj_lora_dropout": 0.0}
     save_file(sd, str(tmp_path / "m.safetensors"), metadata={"kwargs": json.dumps(kwargs)})
     lora = load_lora(tmp_path / "m.safetensors")
+    assert detect_file(tmp_path / "m.safetensors").description == "lora/genmo"
     assert lora.layers["blocks.1.attn.qkv_y"].scale == 2.0
     assert lora.layers["blocks.0.attn.proj_y"].scale == 0.5
     assert lora_from_state_dict(sd).layers["blocks.0.attn.qkv_x"].scale == 1.0

@@ -152,7 +152,7 @@ def _check_file(path: Path) -> None:
     detect_file(path)
 
 
-FUZZ = settings(max_examples=150, deadline=2000, suppress_health_check=[
+FUZZ = settings(max_examples=150, deadline=2000, database=None, suppress_health_check=[
     HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
@@ -189,7 +189,7 @@ def test_fuzz_mutated_valid_files(tmp_path, data):
     _check_file(path)
 
 
-@settings(max_examples=100, deadline=2000)
+@settings(max_examples=100, deadline=2000, database=None)
 @given(keys=st.dictionaries(st.text(max_size=40), st.sampled_from(list(sio.DTYPES)),
                             max_size=12))
 def test_fuzz_detection_on_random_key_sets(keys):
