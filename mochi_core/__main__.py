@@ -144,6 +144,35 @@ class _ProgressBars:
             bar.close()
 
 
+def _file_metadata(args: argparse.Namespace, settings, paths) -> dict:
+    """Generation settings embedded in the video file; demo output is labelled as noise."""
+    from .demo import DEMO_NOTE, DEMO_TAG  # noqa: PLC0415
+
+    metadata = {
+        "generator": "mochi-nodes", "prompt": settings.prompt,
+        "negative_prompt": settings.negative_prompt, "seed": settings.seed,
+        "steps": settings.steps, "cfg": settings.cfg, "fps": args.fps,
+        "width": settings.width, "height": settings.height, "frames": settings.frames,
+        "checkpoints": {k: getattr(paths, k).name for k in ("dit", "vae", "t5")},
+    }  # fmt: skip
+    if args.demo:
+        metadata |= {DEMO_TAG: DEMO_NOTE, "comment": DEMO_NOTE}
+    return metadata
+
+
+def _print_summary(out: Path, result, args: argparse.Namespace, settings, elapsed: float,
+                   device) -> None:  # fmt: skip
+    """The CLI's result: the output path, then what was made, the time and peak memory."""
+    memory = ", ".join(f"{k} {v:.0f} MiB" for k, v in _peak_memory_mib(device).items())
+    stages = ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items())
+    f, h, w = result.frames.shape[:3]
+    print(out)
+    print(f"{f} frames {w}x{h} @ {args.fps:g} fps, {settings.steps} steps, "
+          f"cfg {settings.cfg:g}"
+          f"{' [DEMO: random weights, noise]' if args.demo else ''}")
+    print(f"time {elapsed:.1f}s ({stages}); peak memory: {memory}")
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub
     parser = build_parser()
@@ -154,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch  # noqa: PLC0415
 
-    from .demo import DEMO_NOTE, DEMO_TAG  # noqa: PLC0415
+    from .demo import DEMO_NOTE  # noqa: PLC0415
     from .pipeline import CheckpointPaths, generate  # noqa: PLC0415
     from .video import write_video  # noqa: PLC0415
 
@@ -172,24 +201,9 @@ def main(argv: list[str] | None = None) -> int:
                           decode_callback=bars.on_decode)  # fmt: skip
     finally:
         bars.close()
-    metadata = {
-        "generator": "mochi-nodes", "prompt": settings.prompt,
-        "negative_prompt": settings.negative_prompt, "seed": settings.seed,
-        "steps": settings.steps, "cfg": settings.cfg, "fps": args.fps,
-        "checkpoints": {k: str(getattr(paths, k).name) for k in ("dit", "vae", "t5")},
-    }  # fmt: skip
-    if args.demo:
-        metadata |= {DEMO_TAG: DEMO_NOTE, "comment": DEMO_NOTE}
     out = write_video(result.frames, args.output, args.fps, quality=args.quality,
-                      metadata=metadata)  # fmt: skip
-    elapsed = time.perf_counter() - start
-    memory = ", ".join(f"{k} {v:.0f} MiB" for k, v in _peak_memory_mib(device).items())
-    stages = ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items())
-    f, h, w = result.frames.shape[:3]
-    print(out)
-    print(f"{f} frames {w}x{h} @ {args.fps:g} fps, {settings.steps} steps, cfg {settings.cfg:g}"
-          f"{' [DEMO: random weights, noise]' if args.demo else ''}")
-    print(f"time {elapsed:.1f}s ({stages}); peak memory: {memory}")
+                      metadata=_file_metadata(args, settings, paths))  # fmt: skip
+    _print_summary(out, result, args, settings, time.perf_counter() - start, device)
     return 0
 
 
