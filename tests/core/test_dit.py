@@ -303,3 +303,56 @@ def test_sdpa_mask_never_attends_invalid_keys():
     looped = attn.attend(lambda q, k, v, m: attn.sdpa_attention(q, k, v, m), q, k, v, valid)
     assert rel_err(looped[:, :, :6], out[:, :, :6]) <= 1e-6
     assert torch.equal(looped[0, :, 6:], torch.zeros(3, 4, 8))
+
+
+def _fake_varlen(q, k, v, cu_q, cu_k, max_q, max_k):
+    """flash_attn_varlen_func stand-in: SDPA on each packed (total, heads, D) segment."""
+    assert torch.equal(cu_q, cu_k) and cu_q.dtype == torch.int32 and max_q == max_k
+    assert q.dtype in (torch.float16, torch.bfloat16)
+    lengths = cu_q.diff()
+    assert int(lengths.max()) == max_q
+    pieces = []
+    for start, end in zip(cu_q[:-1].tolist(), cu_q[1:].tolist(), strict=True):
+        seg = [t[start:end].transpose(0, 1)[None] for t in (q, k, v)]  # (1, heads, len, D)
+        pieces.append(attn.sdpa_attention(*seg, None)[0].transpose(0, 1))
+    return torch.cat(pieces)
+
+
+def _fake_sage(q, k, v, tensor_layout, is_causal):
+    """sageattn stand-in (HND layout, no mask)."""
+    assert tensor_layout == "HND" and not is_causal and q.dtype == torch.bfloat16
+    return attn.sdpa_attention(q, k, v, None)
+
+
+@pytest.fixture
+def fake_kernels(monkeypatch):
+    """Installs stand-ins for flash_attn and sageattention and pretends a CUDA device exists."""
+    import sys
+    import types
+
+    monkeypatch.setitem(sys.modules, "flash_attn",
+                        types.SimpleNamespace(flash_attn_varlen_func=_fake_varlen))  # fmt: skip
+    monkeypatch.setitem(sys.modules, "sageattention", types.SimpleNamespace(sageattn=_fake_sage))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+
+
+def test_flash_varlen_packs_valid_tokens(fake_kernels):
+    assert attn.available_backends() == ["sdpa", "flash", "sage"]
+    backend = attn.get_attention("flash")
+    assert backend.name == "flash" and backend.ragged_batch
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(3, 2, 9, 8, generator=gen).bfloat16() for _ in range(3))
+    valid = torch.arange(9)[None] < torch.tensor([[9], [4], [6]])
+    out = backend(q, k, v, valid)
+    ref = attn.sdpa_attention(q, k, v, valid)
+    # rows of valid tokens agree (bf16 rounding); rows of padded tokens are zero
+    assert rel_err(out.transpose(1, 2)[valid], ref.transpose(1, 2)[valid]) < 1e-2
+    assert torch.equal(out[1, :, 4:], torch.zeros_like(out[1, :, 4:]))
+
+
+def test_sage_model_loops_over_a_ragged_batch(fake_kernels, model):
+    sage = make_model(attention="sage")
+    assert sage.attention.name == "sage" and not sage.attention.ragged_batch
+    x, sigma, y_feat, y_mask = inputs([7, 15])
+    out = run(sage, x, sigma, y_feat, y_mask)  # _fake_sage asserts it never sees a mask
+    assert rel_err(out, run(model, x, sigma, y_feat, y_mask)) < 2e-2  # attention in bf16
