@@ -174,12 +174,12 @@ def rope_positions(
     if h0 < 0 or w0 < 0 or h0 + pH > c_h or w0 + pW > c_w:
         raise ValueError(f"tile {pH}×{pW} at ({h0}, {w0}) is outside the canvas {c_h}×{c_w}")
     scale = math.sqrt(ROPE_TARGET_AREA / (c_h * c_w))
-    kw = {"dtype": torch.float64, "device": device}
-    t = torch.arange(t0, t0 + T, **kw)
-    h = (torch.arange(h0, h0 + pH, **kw) + 0.5 - c_h / 2) * scale
-    w = (torch.arange(w0, w0 + pW, **kw) + 0.5 - c_w / 2) * scale
+    f64 = torch.float64  # exact centres, rounded once to fp32 (built on the CPU: MPS has no f64)
+    t = torch.arange(t0, t0 + T, dtype=f64)
+    h = (torch.arange(h0, h0 + pH, dtype=f64) + 0.5 - c_h / 2) * scale
+    w = (torch.arange(w0, w0 + pW, dtype=f64) + 0.5 - c_w / 2) * scale
     grid = torch.stack(torch.meshgrid(t, h, w, indexing="ij"), dim=-1)  # (T, pH, pW, 3)
-    return rearrange(grid, "t h w c -> (t h w) c").float()
+    return rearrange(grid, "t h w c -> (t h w) c").to(device=device, dtype=torch.float32)
 
 
 def rope_rotation(pos_frequencies: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
