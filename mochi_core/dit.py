@@ -8,8 +8,8 @@ Precision:
 
 * Linear/Conv weights are stored in the ``dtype`` given at construction (or whatever a loader
   assigns) and cast per layer by ``operations``. The *compute dtype* of the token streams is
-  ``compute_dtype`` when given; otherwise the dtype of the stored Linear weights when that is
-  fp32, bf16 or fp16, and bf16 for anything else (fp8 storage).
+  ``compute_dtype`` when given; otherwise the dtype of the stored block Linear weights when that
+  is fp32, bf16 or fp16, and bf16 for anything else (fp8 or quantized storage).
 * The QK-norm weights and ``pos_frequencies`` are always stored in fp32. The timestep sinusoid,
   the RoPE angles and rotation, and every RMS/Layer norm with its modulation run in fp32.
 
@@ -474,10 +474,12 @@ class AsymmDiT(_KeepsFp32):
         self.final_layer = FinalLayer(c, *args)
 
     def resolved_compute_dtype(self) -> torch.dtype:
-        """``compute_dtype`` if set, else the stored Linear dtype (bf16 for non-float storage)."""
+        """``compute_dtype`` if set, else the dtype of the stored block Linear weights (the bulk
+        of the model) when fp32/bf16/fp16, and bf16 for anything else (fp8, quantized)."""
         if self.compute_dtype is not None:
             return self.compute_dtype
-        stored = self.t5_yproj.weight.dtype
+        layer = self.blocks[0].attn.qkv_x if len(self.blocks) else self.t5_yproj
+        stored = getattr(getattr(layer, "weight", None), "dtype", None)
         return stored if stored in _FLOAT_COMPUTE else torch.bfloat16
 
     def _conditioning(
