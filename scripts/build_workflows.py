@@ -236,7 +236,7 @@ async ({nodes, links}) => {
       throw new Error(`cannot link ${from} -> ${to}.${input}`);
     }
   }
-  return app.graph.serialize();
+  return JSON.stringify(app.graph.serialize());  // drops undefined fields, as saving does
 }
 """
 
@@ -275,7 +275,7 @@ def build(page, name: str, graph: dict) -> dict:
     for spec in graph["nodes"].values():
         if "model" in spec:
             spec["models"] = [MODELS[spec.pop("model")]]
-    workflow = page.evaluate(BUILD_JS, graph)
+    workflow = json.loads(page.evaluate(BUILD_JS, graph))
     fit_and_capture(page, WORKFLOWS / f"{name}.jpg")
     return workflow
 

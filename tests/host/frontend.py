@@ -59,7 +59,8 @@ def missing_node_types(page, workflow: dict) -> list[str]:
 def graph_to_prompt(page, workflow: dict) -> dict:
     """The API-format prompt of ``workflow``, by the frontend's own ``app.graphToPrompt()``."""
     load_workflow(page, workflow)
-    return page.evaluate("async () => (await window.app.graphToPrompt()).output")
+    return json.loads(page.evaluate(
+        "async () => JSON.stringify((await window.app.graphToPrompt()).output)"))
 
 
 def convert_all(url: str) -> dict[str, dict]:
