@@ -392,6 +392,9 @@ class DecoderConfig:
         temporal: list[int] = []
         for b in range(levels, 0, -1):  # from the finest up-block to the coarsest
             proj = sd[f"blocks.{b}.proj.weight"]
+            if proj.shape[0] % (width[-1] * 4):
+                raise ValueError(f"blocks.{b}.proj.weight {tuple(proj.shape)} does not expand "
+                                 f"to {width[-1]} channels by 2×2 space and whole frames")
             temporal.append(proj.shape[0] // (width[-1] * 4))
             width.append(proj.shape[1])
         blocks = [_count(sd, f"blocks.{last}.{{i}}.stack.0.weight")]
