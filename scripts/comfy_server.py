@@ -144,13 +144,14 @@ def fill_demo_models(models: Path, seed: int = 0) -> dict[str, str]:
     return names
 
 
-def start_server(base: Path, extra_args: tuple[str, ...] = ()) -> ComfyServer:
-    """Start a host on a free loopback port and wait until our nodes answer."""
-    server = ComfyServer(base=base, port=free_port(), log_path=base / "server.log")
+def start_server(base: Path, extra_args: tuple[str, ...] = (), cpu: bool = True,
+                 port: int | None = None) -> ComfyServer:
+    """Start a host on a loopback port (a free one by default); wait until our nodes answer."""
+    server = ComfyServer(base=base, port=port or free_port(), log_path=base / "server.log")
     cmd = [sys.executable, str(HOST_DIR / "main.py"), "--base-directory", str(base),
-           "--database-url", "sqlite:///:memory:", "--cpu", "--listen", "127.0.0.1",
+           "--database-url", "sqlite:///:memory:", "--listen", "127.0.0.1",
            "--port", str(server.port), "--disable-auto-launch", "--dont-print-server",
-           "--disable-api-nodes", *extra_args]
+           "--disable-api-nodes", *(("--cpu",) if cpu else ()), *extra_args]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", DO_NOT_TRACK="1")
     with open(server.log_path, "wb") as log:
         server.process = subprocess.Popen(cmd, cwd=HOST_DIR, stdout=log,  # noqa: S603

@@ -9,7 +9,9 @@ import time
 import numpy as np
 import pytest
 
+from scripts.workflow_api import ui_to_api
 from tests.conftest import ROOT
+from tests.host.frontend import bundled_workflows
 from tests.host.media import DEMO_SHAPE, embedded_prompt, point_at_demo, read_video, saved_files
 
 pytestmark = pytest.mark.host
@@ -39,6 +41,17 @@ def input_video(comfy):
     if not path.exists():
         write_video(frames, path, fps=INPUT_FPS, fmt="mp4")
     return path
+
+
+def test_our_converter_matches_the_frontend(comfy, api_prompts):
+    """scripts/workflow_api.py (used by the main job, no browser) gives the same prompts as the
+    frontend's app.graphToPrompt()."""
+    object_info = comfy.get("/object_info")
+    for name, workflow in bundled_workflows().items():
+        ours = ui_to_api(workflow, object_info)
+        theirs = {k: {"class_type": v["class_type"], "inputs": v["inputs"]}
+                  for k, v in api_prompts[name].items()}
+        assert ours == theirs, name
 
 
 def test_every_workflow_converts(api_prompts):

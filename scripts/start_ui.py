@@ -1,0 +1,56 @@
+"""Start the full ComfyUI web UI on localhost with this pack installed.
+
+Uses the pinned host in ``.host/ComfyUI`` and a base directory of its own (``out/ui``), with
+the real Mochi 1 files linked from ``--models`` when they are there, otherwise the demo
+checkpoint (random weights, labelled ``mochi_demo_*``). Open the printed URL, then the
+workflow templates (Workflow → Browse Templates → mochi-nodes). Stop with Ctrl-C.
+
+Usage: .venv/bin/python scripts/start_ui.py [--models ~/ComfyUI/models] [--port 8188]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from scripts.comfy_server import start_server, stop_server  # noqa: E402
+from scripts.run_main_job import prepare_base  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", type=Path, default=os.environ.get("MOCHI_MODELS"),
+                        help="a ComfyUI models folder holding the real Mochi 1 files")
+    parser.add_argument("--demo", action="store_true", help="use the demo checkpoint anyway")
+    parser.add_argument("--port", type=int, default=8188)
+    parser.add_argument("--out", type=Path, default=ROOT / "out" / "ui")
+    args = parser.parse_args()
+
+    base = args.out.resolve()
+    base.mkdir(parents=True, exist_ok=True)
+    files, demo = prepare_base(base, Path(args.models) if args.models else None, args.demo)
+    import torch
+
+    server = start_server(base, ("--preview-method", "latent2rgb"),
+                          cpu=not torch.cuda.is_available(), port=args.port)
+    kind = "DEMO checkpoint (random weights)" if demo else "real Mochi 1 weights"
+    print(f"ComfyUI with mochi-nodes: {server.url}  ({kind}: {', '.join(files.values())})")
+    print(f"server log: {server.log_path}; output: {server.output_dir}; Ctrl-C to stop")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop the server on SIGTERM too
+    try:
+        server.process.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop_server(server)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
