@@ -34,6 +34,14 @@ def image_to_pixels(images: torch.Tensor) -> torch.Tensor:
     return rearrange(images[..., :3].float() * 2.0 - 1.0, "f h w c -> 1 c f h w")
 
 
+def require_half(patcher, half: str) -> None:
+    """A clear error when the VAE loader's files held no such half."""
+    if patcher is None:
+        raise ValueError(f"no VAE {half}: the files given to Mochi 1 VAE Loader hold none; add "
+                         f"the {half} file (e.g. Genmo's {half}.safetensors) as second_file or "
+                         f"use ComfyUI's mochi_vae.safetensors")
+
+
 def check_frames(images: torch.Tensor, handling: str) -> torch.Tensor:
     """6k+1 frames and sides that are multiples of 16, trimmed or refused with a clear message."""
     frames, height, width = images.shape[0], images.shape[1], images.shape[2]
@@ -90,6 +98,7 @@ class VAEDecode(io.ComfyNode):
 
     @classmethod
     def execute(cls, decoder, samples, tile_size, tile_overlap, frame_chunk) -> io.NodeOutput:
+        require_half(decoder, "decoder")
         mm.load_models_gpu([decoder])
         dtype = next(decoder.model.module.parameters()).dtype
         z = samples["samples"].to(decoder.load_device, dtype=dtype)
@@ -127,6 +136,7 @@ class VAEEncode(io.ComfyNode):
 
     @classmethod
     def execute(cls, encoder, images, frame_handling) -> io.NodeOutput:
+        require_half(encoder, "encoder")
         images = check_frames(images, frame_handling)
         mm.load_models_gpu([encoder])
         pixels = image_to_pixels(images).to(encoder.load_device)

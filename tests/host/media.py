@@ -49,6 +49,14 @@ def read_video(path: Path) -> VideoInfo:
                          stream.codec_context.height, meta)
 
 
+def decode_frames(path: Path):
+    """Every frame of an mp4/webm as one ``F × H × W × 3`` uint8 array."""
+    import numpy as np
+
+    with av.open(str(path)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+
 def point_at_demo(prompt: dict, names: dict[str, str], shape: dict | None = None) -> dict:
     """A copy of an API prompt with every model file replaced by the demo weights and the video
     shrunk to ``shape`` (width, height, frames, steps)."""

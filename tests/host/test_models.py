@@ -1,0 +1,101 @@
+"""Loader options inside the host: LoRA stack, fp8 storage, VAE files split in halves, packaging."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+import pytest
+import tomllib
+import torch
+from safetensors.torch import load_file, save_file
+
+from tests.conftest import HOST_DIR, ROOT
+from tests.host.media import decode_frames, saved_files
+from tests.host.test_errors import base_prompt
+
+pytestmark = pytest.mark.host
+
+
+def frames_digest(comfy, entry: dict) -> str:
+    """A digest of the decoded frames (the file itself also holds the prompt, which differs)."""
+    (results,) = [r for r in saved_files(comfy, entry).values()]
+    return hashlib.sha256(decode_frames(results[0]["path"]).tobytes()).hexdigest()
+
+
+def ui_text(entry: dict, node: str) -> str:
+    return " ".join(entry["outputs"][node]["text"])
+
+
+@pytest.fixture(scope="module")
+def demo_lora(comfy) -> str:
+    """A rank-4 LoRA on the first block's qkv_x of the demo DiT, in Genmo's fine-tuner layout."""
+    dit = load_file(comfy.base / "models" / "diffusion_models" / comfy.demo_files["dit"])
+    out_features, in_features = dit["blocks.0.attn.qkv_x.weight"].shape
+    g = torch.Generator().manual_seed(0)
+    lora = {"blocks.0.attn.qkv_x.lora_A": torch.randn(4, in_features, generator=g),
+            "blocks.0.attn.qkv_x.lora_B": torch.randn(out_features, 4, generator=g)}
+    name = "mochi_demo_lora.safetensors"
+    save_file(lora, comfy.base / "models" / "loras" / name)
+    return name
+
+
+def test_lora_stack_changes_the_result(comfy, demo_lora):
+    plain = comfy.run(base_prompt(comfy.demo_files, seed=21))
+    prompt = base_prompt(comfy.demo_files, seed=21)
+    prompt["dit"]["inputs"].update(lora_1=demo_lora, lora_1_strength=0.8)
+    with_lora = comfy.run(prompt)
+    assert with_lora["status"]["status_str"] == "success", with_lora["status"]
+    assert f"LoRA: {demo_lora} x0.8" in ui_text(with_lora, "dit")
+    assert frames_digest(comfy, plain) != frames_digest(comfy, with_lora)
+    prompt["dit"]["inputs"].update(lora_1_strength=0.0)  # strength 0 == no LoRA
+    assert frames_digest(comfy, comfy.run(prompt)) == frames_digest(comfy, plain)
+
+
+def test_fp8_weight_storage_runs(comfy):
+    prompt = base_prompt(comfy.demo_files, seed=22)
+    prompt["dit"]["inputs"]["weight_dtype"] = "fp8_e4m3fn"
+    entry = comfy.run(prompt)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+
+
+def test_vae_halves_in_separate_files(comfy):
+    """Genmo ships decoder.safetensors and encoder.safetensors; each half is found, and a
+    missing encoder is reported clearly when video-to-video needs it."""
+    folder = comfy.base / "models" / "vae"
+    combined = load_file(folder / comfy.demo_files["vae"])
+    for half in ("decoder", "encoder"):
+        save_file({k.removeprefix(f"{half}."): v for k, v in combined.items()
+                   if k.startswith(f"{half}.")}, folder / f"demo_genmo_{half}.safetensors")
+    prompt = base_prompt(comfy.demo_files, seed=23)
+    prompt["vae"]["inputs"].update(vae_name="demo_genmo_decoder.safetensors",
+                                   second_file="demo_genmo_encoder.safetensors")
+    prompt["encode"] = {"class_type": "Mochi1VAEEncode", "inputs": {
+        "encoder": ["vae", 1], "images": ["decode", 0], "frame_handling": "reject"}}
+    prompt["relatent"] = {"class_type": "Mochi1VAEDecode", "inputs": {
+        "decoder": ["vae", 0], "samples": ["encode", 0], "tile_size": 0, "tile_overlap": 64,
+        "frame_chunk": 1}}
+    prompt["save"]["inputs"]["images"] = ["relatent", 0]
+    entry = comfy.run(prompt)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    assert "found: encoder + decoder" in ui_text(entry, "vae")
+
+    prompt["vae"]["inputs"]["second_file"] = "none"
+    entry = comfy.run(prompt)
+    assert "found: decoder" in ui_text(entry, "vae")
+    (error,) = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
+    assert error["node_type"] == "Mochi1VAEEncode"
+    assert "no VAE encoder" in error["exception_message"]
+
+
+def test_packaging_metadata():
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    requirements = [ln.strip() for ln in (ROOT / "requirements.txt").read_text().splitlines()
+                    if ln.strip() and not ln.startswith("#")]
+    assert meta["project"]["dependencies"] == requirements
+    assert not any(re.match(r"torch\b", r) for r in requirements)
+    floor = meta["tool"]["comfy"]["requires-comfyui"]
+    version = re.search(r'"([\d.]+)"', (HOST_DIR / "comfyui_version.py").read_text()).group(1)
+    assert floor == f">={version}", "the floor is the host version the tests run on"
+    ignored = (ROOT / ".comfyignore").read_text().split()
+    assert {"tests/", "bench/", "scripts/", ".ci/"} <= set(ignored)
