@@ -29,6 +29,7 @@ SETTINGS = {
     "Comfy.Workflow.ShowMissingModelsWarning": False,
     "Comfy.Minimap.Visible": False,
     "Comfy.Graph.CanvasInfo": False,
+    "LiteGraph.Canvas.MinFontSizeForLOD": 1,  # draw node text at any zoom (screenshots)
 }
 
 
