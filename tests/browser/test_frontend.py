@@ -53,6 +53,9 @@ def test_workflow_loads_with_no_missing_nodes(page, name):
     workflow = served_workflow(page, name)
     assert missing_node_types(page, workflow) == []
     load_workflow(page, workflow)
+    page.wait_for_timeout(300)  # the frontend reports schema problems in a toast
+    assert not page.evaluate("() => document.body.innerText.includes('Invalid workflow')"), (
+        "the frontend's workflow schema check rejected the file")
     loaded = page.evaluate("() => app.graph._nodes.map((n) => n.type)")
     assert sorted(loaded) == sorted(n["type"] for n in workflow["nodes"])
     prompt = page.evaluate("async () => (await app.graphToPrompt()).output")
@@ -73,6 +76,9 @@ def test_shape_helpers_snap_and_show_the_latent_size(page):
     state = sampler_state(page)
     assert (state["width"], state["height"], state["frames"]) == (848, 464, 49)
     assert state["info"] == "latent 12×9×58×106 · 13,833 tokens"
+    saved = page.evaluate("""() => JSON.parse(JSON.stringify(app.graph.serialize())).nodes
+        .find((n) => n.type === "Mochi1Sampler").widgets_values""")
+    assert saved[:3] == [848, 464, 49] and len(saved) == 12, "the info widget must not be saved"
 
 
 def test_a_run_from_the_page_completes_and_plays(page, comfy):

@@ -34,8 +34,8 @@ def browser_page(url: str, viewport=(1600, 1000)):
         browser = pw.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": viewport[0], "height": viewport[1]})
-            page.console_errors = []
-            page.on("console", lambda m: m.type == "error" and page.console_errors.append(m.text))
+            page.console_messages = []  # (type, text); errors are expected (HOST.md), not failed on
+            page.on("console", lambda m: page.console_messages.append((m.type, m.text)))
             page.goto(url, wait_until="domcontentloaded", timeout=READY_TIMEOUT_MS)
             page.wait_for_function("() => window.app && window.app.graph && "
                                    "window.LiteGraph && window.LiteGraph.registered_node_types",
