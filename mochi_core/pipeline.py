@@ -22,6 +22,7 @@ from .sampling import Callback as SampleCallback
 from .sampling import sample
 from .schedule import DEFAULT_THRESHOLD_NOISE, linear_quadratic_schedule
 from .text import T5Conditioner, TextConditioning
+from .tiled_sampling import TileOptions
 
 log = logging.getLogger(__name__)
 
@@ -124,8 +125,12 @@ def sample_latents(
     paths: CheckpointPaths, settings: GenerationSettings,
     conds: tuple[TextConditioning, TextConditioning | None], *, device: torch.device,
     attention: str = "sdpa", callback: SampleCallback | None = None,
+    tiling: TileOptions | None = None,
 ) -> torch.Tensor:  # fmt: skip
-    """Load the DiT, sample ``1 × 12 × T × h × w`` fp32 DiT-space latents, free the DiT."""
+    """Load the DiT, sample ``1 × 12 × T × h × w`` fp32 DiT-space latents, free the DiT.
+
+    ``tiling`` runs the DiT on overlapping tiles (:class:`~mochi_core.tiled_sampling.TileOptions`).
+    """
     from .checkpoints import load_dit  # noqa: PLC0415
 
     dit = load_dit(paths.dit, device=device, attention=attention)
@@ -137,7 +142,7 @@ def sample_latents(
         dit, latents_or_shape=settings.latent_shape, positive=conds[0], negative=conds[1],
         sigmas=linear_quadratic_schedule(settings.steps, settings.threshold_noise),
         cfg=settings.cfg, generator=torch.Generator().manual_seed(settings.seed),
-        callback=callback, device=device,
+        callback=callback, device=device, tiling=tiling,
     )  # fmt: skip
     del dit
     _free(device)
@@ -171,6 +176,7 @@ def generate(
     frames_per_chunk: int | None = None, tile_size: int | None = None,
     sample_callback: SampleCallback | None = None,
     decode_callback: DecodeCallback | None = None,
+    dit_tiling: TileOptions | None = None,
 ) -> GenerationResult:  # fmt: skip
     """Generate a video: prompts → latents → ``F × H × W × 3`` uint8 frames.
 
@@ -181,15 +187,20 @@ def generate(
         frames_per_chunk / tile_size: decoder streaming and spatial tiling (latent units).
         sample_callback: ``(step, total, x0_preview)`` per sampler step (raise to cancel).
         decode_callback: ``(done, total)`` per decoded chunk/tile.
+        dit_tiling: sample with the DiT on overlapping tiles (off by default); its options are
+            validated when the :class:`~mochi_core.tiled_sampling.TileOptions` is made.
     """
     settings.validate()
+    if dit_tiling is not None and not isinstance(dit_tiling, TileOptions):
+        kind = type(dit_tiling).__name__
+        raise TypeError(f"dit_tiling must be a TileOptions or None, got {kind}")
     device = torch.device(device)
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     conds = encode_prompts(paths, settings)
     seconds["text"] = time.perf_counter() - start
     latents = sample_latents(paths, settings, conds, device=device, attention=attention,
-                             callback=sample_callback)  # fmt: skip
+                             callback=sample_callback, tiling=dit_tiling)  # fmt: skip
     seconds["sample"] = time.perf_counter() - start - seconds["text"]
     frames = decode_latents(paths, latents, device=device, frames_per_chunk=frames_per_chunk,
                             tile_size=tile_size, callback=decode_callback)  # fmt: skip

@@ -23,6 +23,7 @@ from typing import Protocol
 import torch
 
 from .text import TextConditioning
+from .tiled_sampling import TiledModel, TileOptions
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,8 @@ def _model_device(model: ModelFn) -> torch.device:
     if isinstance(model, torch.nn.Module):
         for p in model.parameters():
             return p.device
-    return torch.device("cpu")
+    device = getattr(model, "device", None)  # wrappers such as TiledModel say where they run
+    return device if isinstance(device, torch.device) else torch.device("cpu")
 
 
 def initial_latents(
@@ -167,6 +169,7 @@ def sample(
     callback: Callback | None = None,
     batch_cfg: bool | None = None,
     device: torch.device | str | None = None,
+    tiling: TileOptions | None = None,
 ) -> torch.Tensor:
     """Sample DiT-space latents with Euler steps over ``sigmas`` and classifier-free guidance.
 
@@ -184,6 +187,8 @@ def sample(
         batch_cfg: run cond and uncond as one batch; None picks it when the model supports
             different text lengths in one batch (:func:`supports_batched_text`).
         device: where to sample; default the latents' device, else the model's.
+        tiling: run the model on overlapping tiles blended per step
+            (:class:`mochi_core.tiled_sampling.TiledModel`); None (default) runs it whole.
 
     Returns:
         ``B × 12 × T × h × w`` fp32 latents in DiT space.
@@ -197,10 +202,13 @@ def sample(
         is_tensor = isinstance(latents_or_shape, torch.Tensor)
         device = latents_or_shape.device if is_tensor else _model_device(model)
     batched = supports_batched_text(model) if batch_cfg is None else batch_cfg
+    if tiling is not None:
+        model = TiledModel(model, tiling)
     z = initial_latents(latents_or_shape, sig[0], generator, device)
     pos = positive.expand(z.shape[0]).to(device)
     neg = negative.expand(z.shape[0]).to(device) if negative is not None else None
-    log.info("sampling %d steps, latents %s, batch_cfg=%s", steps, tuple(z.shape), batched)
+    log.info("sampling %d steps, latents %s, batch_cfg=%s, tiling=%s", steps, tuple(z.shape),
+             batched, tiling)  # fmt: skip
     with torch.no_grad():
         for i in range(steps):
             v = guided_velocity(model, z, sig[i], pos, neg, scales[i], batched)
