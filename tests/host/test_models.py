@@ -99,3 +99,14 @@ def test_packaging_metadata():
     assert floor == f">={version}", "the floor is the host version the tests run on"
     ignored = (ROOT / ".comfyignore").read_text().split()
     assert {"tests/", "bench/", "scripts/", ".ci/"} <= set(ignored)
+
+
+def test_cfg_schedule_overrides_the_constant_cfg(comfy):
+    """A one-value schedule is that constant cfg; a ramp gives a different video."""
+    constant = comfy.run(base_prompt(comfy.demo_files, seed=24, steps=3, cfg=4.5))
+    one_value = comfy.run(base_prompt(comfy.demo_files, seed=24, steps=3, cfg=1.0,
+                                      cfg_schedule="4.5"))
+    ramp = comfy.run(base_prompt(comfy.demo_files, seed=24, steps=3, cfg=4.5,
+                                 cfg_schedule="6, 1"))
+    assert frames_digest(comfy, one_value) == frames_digest(comfy, constant)
+    assert frames_digest(comfy, ramp) != frames_digest(comfy, constant)
