@@ -21,6 +21,7 @@ MochiModel = io.Custom("MOCHI_MODEL")
 MochiTextEncoder = io.Custom("MOCHI_TEXT_ENCODER")
 MochiDecoder = io.Custom("MOCHI_VAE_DECODER")
 MochiEncoder = io.Custom("MOCHI_VAE_ENCODER")
+MochiTiling = io.Custom("MOCHI_DIT_TILING")
 
 NONE = "none"
 

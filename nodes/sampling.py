@@ -7,12 +7,14 @@ import torch
 from comfy_api.latest import io
 
 from mochi_core import sampling, schedule, text, vae
+from mochi_core.tiled_sampling import ROPE_MODES, TileOptions
 
 from ._shared import (
     CATEGORY,
     MAX_FRAMES,
     MAX_SIZE,
     MochiModel,
+    MochiTiling,
     StepProgress,
     choice_error,
     first_error,
@@ -108,6 +110,9 @@ class Sampler(io.ComfyNode):
                                tooltip="Run the positive and negative passes as one batch "
                                        "(faster, more memory) or separately; 'auto' batches "
                                        "when the model supports it."),
+                MochiTiling.Input("tiling", optional=True,
+                                  tooltip="Optional: run the DiT on overlapping tiles (Mochi 1 "
+                                          "DiT Tiling) to bound memory on large videos."),
                 io.Latent.Input("latent", optional=True,
                                 tooltip="Optional start: EmptyMochiLatentVideo for its size, or "
                                         "Mochi 1 VAE Encode for video-to-video."),
@@ -134,7 +139,7 @@ class Sampler(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, width, height, frames, steps, cfg, seed,
                 denoise, threshold_noise, linear_steps, batch_cfg, cfg_schedule="",
-                latent=None) -> io.NodeOutput:
+                tiling=None, latent=None) -> io.NodeOutput:
         start = None if latent is None else latent["samples"].float()
         shape = (1, 12, (frames - 1) // 6 + 1, height // 8, width // 8)
         sigmas = schedule.denoise_schedule(steps, denoise, threshold_noise, linear_steps or None)
@@ -148,8 +153,73 @@ class Sampler(io.ComfyNode):
             positive=conditioning_to_text(positive), negative=conditioning_to_text(negative),
             sigmas=sigmas, cfg=parse_cfg_schedule(cfg_schedule or "", steps) or cfg,
             generator=torch.Generator("cpu").manual_seed(seed), batch_cfg=BATCH_CFG[batch_cfg],
-            device=model.load_device, callback=StepProgress(steps, model.load_device))
+            tiling=tiling, device=model.load_device,
+            callback=StepProgress(steps, model.load_device))
         return io.NodeOutput({"samples": vae.dit_to_vae_latents(z).to(mm.intermediate_device())})
 
 
-NODES = [Sampler]
+class DiTTiling(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="Mochi1DiTTiling",
+            display_name="Mochi 1 DiT Tiling",
+            category=f"{CATEGORY}/sampling",
+            description="Options to run the DiT on overlapping spatial tiles (and temporal "
+                        "windows), blended with feathered weights at every step: memory follows "
+                        "the tile, not the video. One tile covering the video is the untiled "
+                        "model; smaller tiles lose context across tiles.",
+            inputs=[
+                io.Int.Input("tile_size", default=512, min=16, max=MAX_SIZE, step=16,
+                             tooltip="Square tile side in pixels (a multiple of 16)."),
+                io.Int.Input("tile_overlap", default=128, min=0, max=MAX_SIZE, step=16,
+                             tooltip="Pixels shared by neighbouring tiles (a multiple of 16, "
+                                     "below tile_size); blended linearly."),
+                io.Int.Input("temporal_window", default=0, min=0, max=64,
+                             tooltip="Latent frames per temporal window (0 = all frames at "
+                                     "once; 6 pixel frames per latent frame)."),
+                io.Int.Input("temporal_overlap", default=2, min=0, max=63,
+                             tooltip="Latent frames shared by neighbouring windows (below "
+                                     "temporal_window)."),
+                io.Combo.Input("rope", options=list(ROPE_MODES), default="canvas",
+                               tooltip="RoPE positions of a tile: 'canvas' keeps each token's "
+                                       "position on the whole video (exact for one tile); "
+                                       "'tile' re-spans every tile as a frame of its own."),
+            ],
+            outputs=[MochiTiling.Output(
+                display_name="tiling",
+                tooltip="DiT tiling options for Mochi 1 Sampler (a custom type: only our "
+                        "sampler uses them).")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, tile_size, tile_overlap, temporal_window, temporal_overlap,
+                        rope) -> bool | str:
+        checks = [choice_error("rope", rope, list(ROPE_MODES))]
+        for name, value in (("tile_size", tile_size), ("tile_overlap", tile_overlap)):
+            if value is not None and (value % 16 or not 0 <= value <= MAX_SIZE):
+                checks.append(f"{name} must be a multiple of 16 between 0 and {MAX_SIZE}; "
+                              f"got {value}")
+        if None not in (tile_size, tile_overlap) and (tile_size < 16 or
+                                                       tile_overlap >= tile_size):
+            checks.append(f"tile_overlap ({tile_overlap}) must be below tile_size ({tile_size}), "
+                          f"and tile_size at least 16")
+        checks.append(range_error("temporal_window", temporal_window, 0, 64))
+        if None not in (temporal_window, temporal_overlap) and temporal_window and not (
+                0 <= temporal_overlap < temporal_window):
+            checks.append(f"temporal_overlap must be between 0 and temporal_window - 1 "
+                          f"({temporal_window - 1}); got {temporal_overlap}")
+        return first_error(*checks)
+
+    @classmethod
+    def execute(cls, tile_size, tile_overlap, temporal_window, temporal_overlap,
+                rope) -> io.NodeOutput:
+        side = tile_size // 8
+        options = TileOptions(tile=(side, side), overlap=tile_overlap // 8,
+                              temporal_window=temporal_window or None,
+                              temporal_overlap=temporal_overlap if temporal_window else 0,
+                              rope=rope)
+        return io.NodeOutput(options)
+
+
+NODES = [Sampler, DiTTiling]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 
 import pytest
@@ -110,3 +111,31 @@ def test_cfg_schedule_overrides_the_constant_cfg(comfy):
                                  cfg_schedule="6, 1"))
     assert frames_digest(comfy, one_value) == frames_digest(comfy, constant)
     assert frames_digest(comfy, ramp) != frames_digest(comfy, constant)
+
+
+def tiling_node(tile_size: int, tile_overlap: int, temporal_window: int = 0) -> dict:
+    return {"class_type": "Mochi1DiTTiling", "inputs": {
+        "tile_size": tile_size, "tile_overlap": tile_overlap,
+        "temporal_window": temporal_window, "temporal_overlap": 1, "rope": "canvas"}}
+
+
+def test_dit_tiling(comfy):
+    """One tile covering the video is the untiled model; smaller tiles and windows run and
+    change the result (less context per tile)."""
+    plain = comfy.run(base_prompt(comfy.demo_files, seed=25, steps=3))
+    prompt = base_prompt(comfy.demo_files, seed=25, steps=3)
+    prompt["tiling"] = tiling_node(512, 128)
+    prompt["sampler"]["inputs"]["tiling"] = ["tiling", 0]
+    one_tile = comfy.run(prompt)
+    assert one_tile["status"]["status_str"] == "success", one_tile["status"]
+    assert frames_digest(comfy, one_tile) == frames_digest(comfy, plain)
+    prompt["tiling"] = tiling_node(32, 16, temporal_window=2)
+    tiled = comfy.run(prompt)
+    assert tiled["status"]["status_str"] == "success", tiled["status"]
+    assert frames_digest(comfy, tiled) != frames_digest(comfy, plain)
+
+    prompt["tiling"] = tiling_node(64, 64)
+    status, body = comfy.queue(prompt)
+    assert status == 400
+    text = json.dumps(body["node_errors"]["tiling"])
+    assert "tile_overlap (64) must be below tile_size (64)" in text

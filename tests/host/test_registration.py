@@ -14,7 +14,8 @@ from tests.conftest import ROOT
 pytestmark = pytest.mark.host
 
 NODE_IDS = ["Mochi1DiTLoader", "Mochi1VAELoader", "Mochi1TextEncoderLoader", "Mochi1TextEncode",
-            "Mochi1Sampler", "Mochi1VAEDecode", "Mochi1VAEEncode", "Mochi1SaveVideo"]
+            "Mochi1Sampler", "Mochi1DiTTiling", "Mochi1VAEDecode", "Mochi1VAEEncode",
+            "Mochi1SaveVideo"]
 SNAPSHOT = ROOT / "tests" / "host" / "schema_snapshot.json"
 MODEL_FOLDER_INPUTS = {"dit_name", "vae_name", "second_file", "t5_name", "lora_1", "lora_2"}
 
