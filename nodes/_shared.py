@@ -91,7 +91,9 @@ def size_error(name: str, value: int) -> str | None:
         return None
     if isinstance(value, int) and 16 <= value <= MAX_SIZE and value % 16 == 0:
         return None
-    return f"{name} must be a multiple of 16 between 16 and {MAX_SIZE}; got {value}"
+    nearest = min(MAX_SIZE, max(16, round(value / 16) * 16)) if isinstance(value, int) else 16
+    return (f"{name} must be a multiple of 16 between 16 and {MAX_SIZE}; got {value}, "
+            f"nearest valid: {nearest}")
 
 
 def range_error(name: str, value, low, high) -> str | None:

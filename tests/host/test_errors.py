@@ -52,7 +52,7 @@ def refused(comfy, prompt: dict, node: str) -> str:
 
 @pytest.mark.parametrize(("node", "field", "value", "expected"), [
     ("sampler", "frames", 50, ["frames", "6k+1", "49", "55"]),
-    ("sampler", "width", 850, ["width", "multiple of 16"]),
+    ("sampler", "width", 850, ["width", "multiple of 16", "nearest valid: 848"]),
     ("sampler", "height", 8, ["height", "multiple of 16"]),
     ("sampler", "cfg_schedule", "6, lots", ["cfg_schedule", "comma-separated"]),
     ("sampler", "linear_steps", 2, ["linear_steps", "below steps"]),
