@@ -139,3 +139,15 @@ def test_dit_tiling(comfy):
     assert status == 400
     text = json.dumps(body["node_errors"]["tiling"])
     assert "tile_overlap (64) must be below tile_size (64)" in text
+
+
+def test_fp8_text_encoder_file(comfy):
+    """A T5 stored in fp8 e4m3fn (like t5xxl_fp8_e4m3fn.safetensors) loads and encodes."""
+    folder = comfy.base / "models" / "text_encoders"
+    t5 = load_file(folder / comfy.demo_files["t5"])
+    save_file({k: v.to(torch.float8_e4m3fn) if v.ndim == 2 and k != "shared.weight" else v
+               for k, v in t5.items()}, folder / "demo_t5xxl_fp8_e4m3fn.safetensors")
+    prompt = base_prompt(comfy.demo_files, seed=26)
+    prompt["t5"]["inputs"]["t5_name"] = "demo_t5xxl_fp8_e4m3fn.safetensors"
+    entry = comfy.run(prompt)
+    assert entry["status"]["status_str"] == "success", entry["status"]
