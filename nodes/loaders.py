@@ -17,6 +17,7 @@ import torch
 from comfy_api.latest import io, ui
 
 from mochi_core import checkpoints, lora, text
+from mochi_core.compile import compile_blocks
 
 from ._shared import (
     CATEGORY,
@@ -39,6 +40,7 @@ DIT_DTYPES = ["default", "bf16", "fp8_e4m3fn", "fp32"]
 VAE_DTYPES = ["fp32", "bf16", "fp16"]
 T5_DTYPES = ["fp32", "bf16"]
 ATTENTION = ["sdpa", "flash", "sage"]
+COMPILE = ["off", "inductor"]
 LORA_SLOTS = 2
 
 
@@ -107,6 +109,10 @@ class DiTLoader(io.ComfyNode):
                                tooltip="Attention backend; flash and sage fall back to sdpa "
                                        "(with a warning) when their package or a CUDA device "
                                        "is missing."),
+                io.Combo.Input("compile", options=COMPILE, default="off",
+                               tooltip="torch.compile the transformer blocks (the first run "
+                                       "compiles, later runs are faster); falls back to eager "
+                                       "with a logged reason when a compiler is missing."),
                 *lora_inputs,
             ],
             outputs=[MochiModel.Output(
@@ -117,10 +123,12 @@ class DiTLoader(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, dit_name, weight_dtype, attention, **kwargs) -> bool | str:
+    def validate_inputs(cls, dit_name, weight_dtype, attention, compile,
+                        **kwargs) -> bool | str:
         checks = [file_error("dit_name", "diffusion_models", dit_name),
                   choice_error("weight_dtype", weight_dtype, DIT_DTYPES),
-                  choice_error("attention", attention, ATTENTION)]
+                  choice_error("attention", attention, ATTENTION),
+                  choice_error("compile", compile, COMPILE)]
         for i in range(1, LORA_SLOTS + 1):
             name, strength = kwargs.get(f"lora_{i}", NONE), kwargs.get(f"lora_{i}_strength", 1.0)
             checks.append(file_error(f"lora_{i}", "loras", name, allow_none=True))
@@ -128,7 +136,7 @@ class DiTLoader(io.ComfyNode):
         return first_error(*checks)
 
     @classmethod
-    def execute(cls, dit_name, weight_dtype, attention, **kwargs) -> io.NodeOutput:
+    def execute(cls, dit_name, weight_dtype, attention, compile, **kwargs) -> io.NodeOutput:
         model = checkpoints.load_dit(model_path("diffusion_models", dit_name),
                                      dtype=DTYPES[weight_dtype], attention=attention)
         applied = []
@@ -137,7 +145,10 @@ class DiTLoader(io.ComfyNode):
             if name != NONE and strength != 0:
                 lora.apply_lora(model, lora.load_lora(model_path("loras", name)), strength)
                 applied.append(f"{name} x{strength:g}")
+        if compile != "off":
+            compile_blocks(model, backend=compile)  # lazily, at the first sampling step
         summary = f"{dit_name} ({model.config.depth} blocks); attention {attention}"
+        summary += f"; compile {compile}" if compile != "off" else ""
         summary += f"; LoRA: {', '.join(applied)}" if applied else ""
         return io.NodeOutput(_managed(model, dit_name), ui=ui.PreviewText(summary))
 

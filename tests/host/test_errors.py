@@ -19,7 +19,8 @@ def base_prompt(files: dict[str, str], **sampler) -> dict:
     return {
         "dit": {"class_type": "Mochi1DiTLoader", "inputs": {
             "dit_name": files["dit"], "weight_dtype": "default", "attention": "sdpa",
-            "lora_1": "none", "lora_1_strength": 1.0, "lora_2": "none", "lora_2_strength": 1.0}},
+            "compile": "off", "lora_1": "none", "lora_1_strength": 1.0, "lora_2": "none",
+            "lora_2_strength": 1.0}},
         "t5": {"class_type": "Mochi1TextEncoderLoader", "inputs": {"t5_name": files["t5"],
                                                                    "dtype": "fp32"}},
         "text": {"class_type": "Mochi1TextEncode", "inputs": {
@@ -59,6 +60,7 @@ def refused(comfy, prompt: dict, node: str) -> str:
     ("sampler", "batch_cfg", "sometimes", ["batch_cfg", "auto", "batched", "separate"]),
     ("dit", "weight_dtype", "fp16", ["weight_dtype", "bf16", "fp8_e4m3fn", "fp32"]),
     ("dit", "attention", "xformers", ["attention", "sdpa", "flash", "sage"]),
+    ("dit", "compile", "on", ["compile", "off", "inductor"]),
     ("dit", "dit_name", "missing.safetensors", ["dit_name", "diffusion_models"]),
     ("dit", "lora_1", "no_such_lora.safetensors", ["lora_1", "loras"]),
     ("vae", "vae_name", "missing.safetensors", ["vae_name", "'vae' model folder"]),

@@ -151,3 +151,15 @@ def test_fp8_text_encoder_file(comfy):
     prompt["t5"]["inputs"]["t5_name"] = "demo_t5xxl_fp8_e4m3fn.safetensors"
     entry = comfy.run(prompt)
     assert entry["status"]["status_str"] == "success", entry["status"]
+
+
+def test_compiled_blocks_run(comfy):
+    """compile=inductor: the blocks are compiled at the first step (no eager fallback logged)."""
+    prompt = base_prompt(comfy.demo_files, seed=27, steps=2)
+    prompt["dit"]["inputs"]["compile"] = "inductor"
+    entry = comfy.run(prompt, timeout=600)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    assert "compile inductor" in ui_text(entry, "dit")
+    log = comfy.log()
+    assert "not compiling the DiT blocks" not in log
+    assert "torch.compile of the DiT blocks failed" not in log

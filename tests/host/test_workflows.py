@@ -122,7 +122,8 @@ def test_native_latents_and_conditioning_run_through_our_nodes(comfy, api_prompt
     prompt = {
         "dit": {"class_type": "Mochi1DiTLoader", "inputs": {
             "dit_name": n["dit"], "weight_dtype": "default", "attention": "sdpa",
-            "lora_1": "none", "lora_1_strength": 1.0, "lora_2": "none", "lora_2_strength": 1.0}},
+            "compile": "off", "lora_1": "none", "lora_1_strength": 1.0, "lora_2": "none",
+            "lora_2_strength": 1.0}},
         "t5": {"class_type": "Mochi1TextEncoderLoader", "inputs": {"t5_name": n["t5"],
                                                                    "dtype": "fp32"}},
         "text": {"class_type": "Mochi1TextEncode", "inputs": {
