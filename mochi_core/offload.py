@@ -118,11 +118,12 @@ class BlockOffload:
         self._cuda = device.type == "cuda"
         self._stream = torch.cuda.Stream(device) if self._cuda and self.prefetch else None
         self._rest = _Group(list(_slots(model, skip=blocks)), pin=False)
-        self._groups = [_Group(list(_slots(block)), pin=pin_memory) for block in blocks]
         self._on_device: set[int] = set()
         self._rest.point_to([_move(m, device, False) for m in self._rest.masters])
-        for i, group in enumerate(self._groups):
-            group.point_to(group.masters)  # the CPU masters; loaded when needed
+        self._groups: list[_Group] = []
+        for i, block in enumerate(blocks):  # one block at a time: no second copy of the model
+            self._groups.append(_Group(list(_slots(block)), pin=pin_memory))
+            self._groups[i].point_to(self._groups[i].masters)  # CPU masters; loaded when needed
             if i < self.fixed:
                 self._load(i, on_side_stream=False)
         self._hooks = [h for i, block in enumerate(blocks) for h in (
