@@ -51,7 +51,7 @@ def bench_case(model: AsymmDiT, z: torch.Tensor, neg_tokens: int, reps: int) -> 
     times: dict[bool, list[float]] = {True: [], False: []}
     outs = {}
     for rep in range(reps):
-        for batched in ((True, False) if rep % 2 == 0 else (False, True)):
+        for batched in (True, False) if rep % 2 == 0 else (False, True):
             seconds, outs[batched] = timed(lambda b=batched: step(b))
             times[batched].append(seconds)
     one, two = statistics.median(times[True]), statistics.median(times[False])

@@ -176,7 +176,8 @@ class BlockOffload:
             if i < self.fixed:
                 return
             nxt = i + 1 if i + 1 < len(self._groups) else self.fixed
-            for j in self._on_device - {i, nxt} - set(range(self.fixed)):
+            keep = {i, nxt} if self.prefetch else {i}
+            for j in self._on_device - keep - set(range(self.fixed)):
                 self._evict(j)  # left over by a forward that raised
             self._load(i, on_side_stream=False)
             self._ready(i)

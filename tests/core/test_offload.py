@@ -120,10 +120,11 @@ def test_remove_restores_the_model(fake):
     assert len(fake.moved) == moved  # no hooks left: nothing moves
 
 
-def test_a_failing_block_is_still_evicted(fake):
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_a_failing_block_is_still_evicted(fake, prefetch):
     model = make_dit()
     originals = {k: v.data_ptr() for k, v in model.state_dict().items()}
-    handle = offload.offload_blocks(model, resident=2, device="cpu")
+    handle = offload.offload_blocks(model, resident=2, device="cpu", prefetch=prefetch)
 
     def boom(module, args):
         raise RuntimeError("boom")
