@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 import torch
 from _util import environment, fmt_bytes, matmul_flops_per_s, measure
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils import flop_counter
 
 from mochi_core.dit import AsymmDiT, DiTConfig
 from tests.oracles import (
@@ -74,6 +74,21 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
+def flop_counter_mode() -> flop_counter.FlopCounterMode:
+    """A FlopCounterMode that also counts the CPU flash-attention op.
+
+    torch's registry knows the CUDA SDPA kernels but not ``_scaled_dot_product_flash_attention_
+    for_cpu``, which SDPA uses on this CPU, so without this the attention FLOPs (4·S²·D per
+    call) would be missing from the count. The same formula as the CUDA kernels is used.
+    """
+
+    def cpu_flash(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
+        return flop_counter.sdpa_flop_count(q_shape, k_shape, v_shape)
+
+    op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    return flop_counter.FlopCounterMode(display=False, custom_mapping={op: cpu_flash})
+
+
 def profile_ours(run: Forward, args: tuple[torch.Tensor, ...], rows: int = 25) -> None:
     """Print torch.profiler's table of our forward, sorted by self CPU time."""
     from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
@@ -93,7 +108,7 @@ def bench_case(
     """Warm-up with FLOP counting, then ``reps`` rotating rounds; prints one table."""
     flops, errs = {}, {}
     for name, run in runs.items():
-        counter = FlopCounterMode(display=False)
+        counter = flop_counter_mode()
         with counter:
             out = run(*args)
         flops[name] = counter.get_total_flops()
