@@ -2,7 +2,7 @@
 
 :func:`offload_blocks` wraps the ``blocks`` of a model (``AsymmDiT.blocks``) from the outside with
 forward pre/post hooks; the modules, their parameter objects and their names are unchanged, so
-state dicts, LoRA handles and ``torch.compile`` of the blocks keep working.
+state dicts and ``torch.compile`` of the blocks keep working.
 
 * The first ``resident − 2`` blocks (``resident − 1`` without prefetch) stay on the device; the
   others are *streamed*: a block is copied to the device just before it runs and dropped right
@@ -18,7 +18,9 @@ state dicts, LoRA handles and ``torch.compile`` of the blocks keep working.
 * Everything outside ``blocks`` is moved to the device once. :meth:`BlockOffload.remove`
   removes the hooks and puts every tensor back on the device it came from.
 
-Weights must not be changed in place while the offload is active (apply LoRAs before or after).
+Weights must not be changed in place while the offload is active: apply or remove LoRAs before
+offloading or after :meth:`BlockOffload.remove` (a streamed block's device copy is dropped, not
+written back).
 """
 
 from __future__ import annotations
