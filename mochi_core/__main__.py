@@ -19,6 +19,8 @@ from pathlib import Path
 #: Full-size defaults (Genmo's CLI) and the small ones used with --demo.
 DEFAULTS = {"width": 848, "height": 480, "frames": 163, "steps": 64, "cfg": 6.0}
 DEMO_DEFAULTS = {"width": 128, "height": 96, "frames": 25, "steps": 8, "cfg": 4.5}
+WEIGHT_DTYPES = {"default": None, "bf16": "bfloat16", "fp8_e4m3fn": "float8_e4m3fn",
+                 "fp32": "float32"}  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,6 +46,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-chunk", type=int, default=3,
                    help="latent frames per streamed decoder call; exact for any value, "
                         "smaller uses less memory (default 3)")  # fmt: skip
+    p.add_argument("--weight-dtype", default="default", choices=tuple(WEIGHT_DTYPES),
+                   help="storage dtype of the DiT weights, cast per layer at compute time "
+                        "(default: as stored in the file)")  # fmt: skip
+    p.add_argument("--dit-tile", type=int, default=0,
+                   help="sample the DiT on square tiles of this many pixels (multiple of 16; "
+                        "0 = off): memory follows the tile")  # fmt: skip
+    p.add_argument("--dit-tile-overlap", type=int, default=128,
+                   help="pixels shared by neighbouring DiT tiles (multiple of 16, default 128)")
+    p.add_argument("--decode-tile", type=int, default=0,
+                   help="decode on square tiles of this many pixels (multiple of 8; 0 = whole "
+                        "frames); feathered, approximate")  # fmt: skip
+    p.add_argument("--offload-blocks", type=int, default=0,
+                   help="keep at most N transformer blocks on the device, stream the rest "
+                        "from CPU memory (0 = off)")  # fmt: skip
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the transformer blocks (falls back to eager)")
     p.add_argument("--demo", action="store_true",
                    help="random small weights, small defaults; output is NOISE")  # fmt: skip
     return p
@@ -93,9 +111,41 @@ def _check(args: argparse.Namespace, parser: argparse.ArgumentParser):
         errors.append(f"--decode-chunk must be >= 1, got {args.decode_chunk}")
     if not 0 <= args.quality <= 100:
         errors.append(f"--quality must be in 0..100, got {args.quality}")
+    errors += _dit_option_errors(args)
     if errors:
         parser.error("\n  ".join(errors))
     return settings
+
+
+def _dit_option_errors(args: argparse.Namespace) -> list[str]:
+    """Check the DiT options and keep them as ``args.dit_options`` (a ``DiTOptions``)."""
+    import torch  # noqa: PLC0415
+
+    from .pipeline import DiTOptions  # noqa: PLC0415
+    from .tiled_sampling import TileOptions  # noqa: PLC0415
+
+    errors, tiling = [], None
+    for name in ("dit_tile", "dit_tile_overlap"):
+        value = getattr(args, name)
+        if value < 0 or value % 16:
+            errors.append(f"--{name.replace('_', '-')} must be 0 or a multiple of 16, got {value}")
+    if args.decode_tile < 0 or args.decode_tile % 8:
+        errors.append(f"--decode-tile must be 0 or a multiple of 8, got {args.decode_tile}")
+    if args.offload_blocks < 0:
+        errors.append(f"--offload-blocks must be >= 0 (0 = off), got {args.offload_blocks}")
+    if args.dit_tile and not errors:
+        side, overlap = args.dit_tile // 8, args.dit_tile_overlap // 8
+        try:
+            tiling = TileOptions(tile=(side, side), overlap=overlap)
+        except ValueError as err:
+            errors.append(f"--dit-tile/--dit-tile-overlap: {err}")
+    dtype = WEIGHT_DTYPES[args.weight_dtype]
+    args.dit_options = DiTOptions(
+        dtype=getattr(torch, dtype) if dtype else None, attention=args.attention, tiling=tiling,
+        offload_resident=args.offload_blocks or None,
+        compile_backend="inductor" if args.compile else None,
+    )  # fmt: skip
+    return errors
 
 
 def _demo_paths(seed: int):
@@ -196,8 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     bars = _ProgressBars()
     try:
-        result = generate(paths, settings, device=device, attention=args.attention,
-                          frames_per_chunk=args.decode_chunk, sample_callback=bars.on_step,
+        result = generate(paths, settings, device=device, dit=args.dit_options,
+                          frames_per_chunk=args.decode_chunk,
+                          tile_size=args.decode_tile // 8 or None, sample_callback=bars.on_step,
                           decode_callback=bars.on_decode)  # fmt: skip
     finally:
         bars.close()

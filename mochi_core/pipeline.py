@@ -77,6 +77,37 @@ class GenerationSettings:
 
 
 @dataclass(frozen=True)
+class DiTOptions:
+    """How the DiT is stored and run (every option off by default).
+
+    Attributes:
+        dtype: storage dtype of the weights (None keeps the file's; bf16, fp8_e4m3fn, fp32);
+            they are cast layer by layer at compute time.
+        attention: ``"sdpa"``, ``"flash"`` or ``"sage"`` (falls back to sdpa when unavailable).
+        tiling: sample on overlapping tiles (:class:`~mochi_core.tiled_sampling.TileOptions`).
+        offload_resident: keep at most this many transformer blocks on the device and stream
+            the others from CPU memory (:func:`mochi_core.offload.offload_blocks`); None = off.
+        compile_backend: ``torch.compile`` the blocks with this backend (``"inductor"``);
+            None = off; falls back to eager with a logged reason.
+    """
+
+    dtype: torch.dtype | None = None
+    attention: str = "sdpa"
+    tiling: TileOptions | None = None
+    offload_resident: int | None = None
+    compile_backend: str | None = None
+
+    def problems(self) -> dict[str, str]:
+        """Invalid options, ``{name: message}``."""
+        out = {}
+        if self.tiling is not None and not isinstance(self.tiling, TileOptions):
+            out["tiling"] = f"must be a TileOptions or None, got {type(self.tiling).__name__}"
+        if self.offload_resident is not None and self.offload_resident < 1:
+            out["offload_resident"] = f"must be >= 1 block (or None), got {self.offload_resident}"
+        return out
+
+
+@dataclass(frozen=True)
 class CheckpointPaths:
     """Files of one model set; ``tokenizer`` None searches for ComfyUI's T5 tokenizer."""
 
@@ -121,19 +152,29 @@ def encode_prompts(
     return positive, negative
 
 
+def _prepared_dit(paths: CheckpointPaths, options: DiTOptions, device: torch.device):
+    """Load the DiT with ``options``: on the device, or on the CPU with blocks streamed."""
+    from .checkpoints import load_dit  # noqa: PLC0415
+    from .compile import compile_blocks  # noqa: PLC0415
+    from .offload import offload_blocks  # noqa: PLC0415
+
+    offload = options.offload_resident is not None
+    dit = load_dit(paths.dit, dtype=options.dtype, device="cpu" if offload else device,
+                   attention=options.attention)  # fmt: skip
+    if offload:
+        offload_blocks(dit, resident=options.offload_resident, device=device)
+    if options.compile_backend is not None:
+        compile_blocks(dit, backend=options.compile_backend)
+    return dit
+
+
 def sample_latents(
     paths: CheckpointPaths, settings: GenerationSettings,
     conds: tuple[TextConditioning, TextConditioning | None], *, device: torch.device,
-    attention: str = "sdpa", callback: SampleCallback | None = None,
-    tiling: TileOptions | None = None,
+    options: DiTOptions = DiTOptions(), callback: SampleCallback | None = None,
 ) -> torch.Tensor:  # fmt: skip
-    """Load the DiT, sample ``1 × 12 × T × h × w`` fp32 DiT-space latents, free the DiT.
-
-    ``tiling`` runs the DiT on overlapping tiles (:class:`~mochi_core.tiled_sampling.TileOptions`).
-    """
-    from .checkpoints import load_dit  # noqa: PLC0415
-
-    dit = load_dit(paths.dit, device=device, attention=attention)
+    """Load the DiT, sample ``1 × 12 × T × h × w`` fp32 DiT-space latents, free the DiT."""
+    dit = _prepared_dit(paths, options, device)
     width, expected = conds[0].features.shape[-1], dit.config.t5_feat_dim
     if width != expected:
         raise ValueError(f"the text encoder gives {width}-d features but the DiT {paths.dit} "
@@ -142,7 +183,7 @@ def sample_latents(
         dit, latents_or_shape=settings.latent_shape, positive=conds[0], negative=conds[1],
         sigmas=linear_quadratic_schedule(settings.steps, settings.threshold_noise),
         cfg=settings.cfg, generator=torch.Generator().manual_seed(settings.seed),
-        callback=callback, device=device, tiling=tiling,
+        callback=callback, device=device, tiling=options.tiling,
     )  # fmt: skip
     del dit
     _free(device)
@@ -172,11 +213,10 @@ def decode_latents(
 
 def generate(
     paths: CheckpointPaths, settings: GenerationSettings, *,
-    device: torch.device | str = "cpu", attention: str = "sdpa",
+    device: torch.device | str = "cpu", dit: DiTOptions = DiTOptions(),
     frames_per_chunk: int | None = None, tile_size: int | None = None,
     sample_callback: SampleCallback | None = None,
     decode_callback: DecodeCallback | None = None,
-    dit_tiling: TileOptions | None = None,
 ) -> GenerationResult:  # fmt: skip
     """Generate a video: prompts → latents → ``F × H × W × 3`` uint8 frames.
 
@@ -184,23 +224,22 @@ def generate(
         paths: the DiT, VAE and T5 checkpoints (any format :mod:`mochi_core.checkpoints` reads).
         settings: validated first; nothing is loaded when they are invalid.
         device: where the DiT and the decoder run (T5 runs in fp32 on the CPU).
+        dit: storage dtype, attention backend, tiling, block offload and compile of the DiT;
+            validated before anything is loaded.
         frames_per_chunk / tile_size: decoder streaming and spatial tiling (latent units).
         sample_callback: ``(step, total, x0_preview)`` per sampler step (raise to cancel).
         decode_callback: ``(done, total)`` per decoded chunk/tile.
-        dit_tiling: sample with the DiT on overlapping tiles (off by default); its options are
-            validated when the :class:`~mochi_core.tiled_sampling.TileOptions` is made.
     """
     settings.validate()
-    if dit_tiling is not None and not isinstance(dit_tiling, TileOptions):
-        kind = type(dit_tiling).__name__
-        raise TypeError(f"dit_tiling must be a TileOptions or None, got {kind}")
+    if problems := dit.problems():
+        raise ValueError("; ".join(f"dit.{k} {v}" for k, v in problems.items()))
     device = torch.device(device)
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     conds = encode_prompts(paths, settings)
     seconds["text"] = time.perf_counter() - start
-    latents = sample_latents(paths, settings, conds, device=device, attention=attention,
-                             callback=sample_callback, tiling=dit_tiling)  # fmt: skip
+    latents = sample_latents(paths, settings, conds, device=device, options=dit,
+                             callback=sample_callback)  # fmt: skip
     seconds["sample"] = time.perf_counter() - start - seconds["text"]
     frames = decode_latents(paths, latents, device=device, frames_per_chunk=frames_per_chunk,
                             tile_size=tile_size, callback=decode_callback)  # fmt: skip
