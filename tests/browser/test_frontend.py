@@ -1,9 +1,11 @@
 """The ComfyUI frontend in headless Chromium: bundled workflows load with every node type known,
 our extension is registered and helps with Mochi's shape rules, a run from the page completes
-and plays in the save node. Screenshots go to docs/screenshots/ for the README."""
+and plays in the save node. Screenshots are saved for the record under test-artifacts/screenshots/
+(git-ignored); with MOCHI_UPDATE_SCREENSHOTS=1 they replace the README's in docs/screenshots/."""
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -14,7 +16,8 @@ from tests.host.frontend import bundled_workflows, load_workflow, missing_node_t
 
 pytestmark = pytest.mark.browser
 
-SHOTS = ROOT / "docs" / "screenshots"
+SHOTS_HOME = "docs" if os.environ.get("MOCHI_UPDATE_SCREENSHOTS") else "test-artifacts"
+SHOTS = ROOT / SHOTS_HOME / "screenshots"
 WORKFLOWS = sorted(bundled_workflows())
 
 
