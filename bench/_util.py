@@ -59,6 +59,19 @@ def trim_heap() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+def return_freed_memory_at_once(threshold: int = 1 << 20) -> None:
+    """Make glibc serve every allocation of ``threshold`` bytes or more with its own mmap.
+
+    Freed tensors then go back to the OS at once, so the RSS high-water mark measures the
+    live memory of a call rather than what the C heap (and the per-thread arenas of the OpenMP
+    workers) kept from earlier calls. It costs page faults on every large allocation, so the
+    scripts that time compute-bound work do not use it.
+    """
+    m_mmap_threshold = -3  # from <malloc.h>; setting it also stops the dynamic adjustment
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").mallopt(m_mmap_threshold, threshold)
+
+
 @dataclass
 class Measured:
     """One call: wall seconds, process CPU seconds per torch thread, peak RSS over the RSS
