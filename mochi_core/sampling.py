@@ -9,6 +9,9 @@ Noise is drawn on the **CPU** from the caller's ``torch.Generator`` in fp32 and 
 device, so a seed gives the same video on every device and backend. It cannot reproduce videos
 made by Genmo's reference code, which draws its noise from the global CUDA RNG.
 
+Non-finite values: the guided velocity is checked once per step; NaN/Inf (e.g. an fp16
+overflow) raises :class:`mochi_core.finite.NonFiniteError` naming the step and the dtype.
+
 Cancellation: ``callback`` may raise (e.g. an "interrupted" exception); the exception propagates
 out of :func:`sample` after the current step and nothing else is kept.
 """
@@ -22,6 +25,7 @@ from typing import Protocol
 
 import torch
 
+from .finite import check_dit_step
 from .text import TextConditioning
 from .tiled_sampling import TiledModel, TileOptions
 
@@ -88,6 +92,17 @@ def _model_device(model: ModelFn) -> torch.device:
             return p.device
     device = getattr(model, "device", None)  # wrappers such as TiledModel say where they run
     return device if isinstance(device, torch.device) else torch.device("cpu")
+
+
+def compute_dtype(model: ModelFn) -> torch.dtype | None:
+    """The dtype the model computes in (``AsymmDiT.resolved_compute_dtype``), for messages."""
+    resolve = getattr(model, "resolved_compute_dtype", None)
+    if callable(resolve):
+        return resolve()
+    if isinstance(model, torch.nn.Module):
+        for p in model.parameters():
+            return p.dtype
+    return getattr(model, "dtype", None)
 
 
 def initial_latents(
@@ -202,6 +217,7 @@ def sample(
         is_tensor = isinstance(latents_or_shape, torch.Tensor)
         device = latents_or_shape.device if is_tensor else _model_device(model)
     batched = supports_batched_text(model) if batch_cfg is None else batch_cfg
+    dtype = compute_dtype(model)
     if tiling is not None:
         model = TiledModel(model, tiling)
     z = initial_latents(latents_or_shape, sig[0], generator, device)
@@ -212,6 +228,7 @@ def sample(
     with torch.no_grad():
         for i in range(steps):
             v = guided_velocity(model, z, sig[i], pos, neg, scales[i], batched)
+            check_dit_step(v, i + 1, steps, dtype)
             if callback is not None:
                 callback(i + 1, steps, z + sig[i] * v)
             z = z + (sig[i] - sig[i + 1]) * v

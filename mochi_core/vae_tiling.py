@@ -25,6 +25,9 @@ temporal reduction), 64 at level 2 and ~18 below: ~274 values, against ~260 for 
 peak (a few 64-channel tensors at full resolution). Streaming would therefore not bound
 memory; spatial tiles do.
 
+**Non-finite values.** :func:`decode` and :func:`encode` check their result once; NaN/Inf
+(e.g. an fp16 overflow) raises :class:`mochi_core.finite.NonFiniteError` naming the dtype.
+
 Progress: ``callback(done, total)`` after every (tile, chunk). After an OOM retry the count
 restarts with the new total.
 """
@@ -37,6 +40,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
+from .finite import check_vae_output
 from .vae import (
     SPATIAL_FACTOR,
     CausalCache,
@@ -232,7 +236,9 @@ def decode(
         )
 
     with torch.no_grad():
-        return _with_oom_retry(attempt, frames_per_chunk or t, tile_size, grid, z_vae.device)
+        pixels = _with_oom_retry(attempt, frames_per_chunk or t, tile_size, grid, z_vae.device)
+    check_vae_output(pixels, "decoder output", z_vae.dtype)
+    return pixels
 
 
 def encode(
@@ -260,4 +266,6 @@ def encode(
         )
 
     with torch.no_grad():
-        return _with_oom_retry(attempt, 1, tile_size, grid, pixels.device)
+        latents = _with_oom_retry(attempt, 1, tile_size, grid, pixels.device)
+    check_vae_output(latents, "encoder output", dtype)
+    return latents
