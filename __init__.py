@@ -1,8 +1,9 @@
 """Mochi 1 nodes for ComfyUI: registration only.
 
 The host imports this package from ``custom_nodes`` and calls :func:`comfy_entrypoint` (the V3
-node API). Nothing else happens at import time; the node modules are imported when the host asks
-for the node list, so importing this package outside ComfyUI (e.g. by a test runner) is harmless.
+node API). Nothing else happens at import time; the node modules are imported (and the API routes
+added) when the host calls the entry point, so importing this package outside ComfyUI (e.g. by a
+test runner) is harmless.
 """
 
 import importlib.util
@@ -30,8 +31,16 @@ def _register_core() -> None:
 
 
 async def comfy_entrypoint():
-    """The V3 entry point: a ``ComfyExtension`` listing every Mochi 1 node."""
+    """The V3 entry point: a ``ComfyExtension`` listing every Mochi 1 node.
+
+    The host calls it while loading custom nodes, after its ``PromptServer`` exists and before
+    its app starts, which is when the generation API's routes can be added (they stay off, 404,
+    until an API key is configured; see ``mochi_api/settings.py``).
+    """
     _register_core()
+    from .mochi_api.routes import register
     from .nodes import MochiExtension
+
+    register()
 
     return MochiExtension()

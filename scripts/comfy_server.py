@@ -146,14 +146,18 @@ def fill_demo_models(models: Path, seed: int = 0) -> dict[str, str]:
 
 
 def start_server(base: Path, extra_args: tuple[str, ...] = (), cpu: bool = True,
-                 port: int | None = None) -> ComfyServer:
-    """Start a host on a loopback port (a free one by default); wait until our nodes answer."""
+                 port: int | None = None, env: dict[str, str] | None = None) -> ComfyServer:
+    """Start a host on a loopback port (a free one by default); wait until our nodes answer.
+
+    ``env`` adds environment variables (e.g. the generation API's ``MOCHI_API_*`` settings).
+    """
     server = ComfyServer(base=base, port=port or free_port(), log_path=base / "server.log")
     cmd = [sys.executable, str(HOST_DIR / "main.py"), "--base-directory", str(base),
            "--database-url", "sqlite:///:memory:", "--listen", "127.0.0.1",
            "--port", str(server.port), "--disable-auto-launch", "--dont-print-server",
            "--disable-api-nodes", *(("--cpu",) if cpu else ()), *extra_args]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", DO_NOT_TRACK="1")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", DO_NOT_TRACK="1",
+               **(env or {}))
     with open(server.log_path, "wb") as log:
         server.process = subprocess.Popen(cmd, cwd=HOST_DIR, stdout=log,  # noqa: S603
                                           stderr=subprocess.STDOUT, env=env)

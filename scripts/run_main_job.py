@@ -23,6 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from mochi_api.workflow import ui_to_api  # noqa: E402
 from scripts.comfy_server import (  # noqa: E402
     PACK_NAME,
     fill_demo_models,
@@ -30,7 +31,6 @@ from scripts.comfy_server import (  # noqa: E402
     start_server,
     stop_server,
 )
-from scripts.workflow_api import ui_to_api  # noqa: E402
 
 WORKFLOW = ROOT / "workflows" / "mochi1_text_to_video.json"
 # Preferred file names first (as users download them), then any file matching the pattern.

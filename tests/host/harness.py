@@ -11,7 +11,12 @@ from pathlib import Path
 
 from scripts.comfy_server import ComfyServer, fill_demo_models, seed_base, start_server, stop_server
 
-__all__ = ["ComfyServer", "acquire", "release"]
+__all__ = ["API_KEY", "API_SETTINGS", "ComfyServer", "acquire", "release"]
+
+# The generation API is on in the session server: a key, the tiny demo size, a small queue limit.
+API_KEY = "test-key-" + uuid.uuid4().hex
+API_SETTINGS = {"MOCHI_API_KEY": API_KEY, "MOCHI_API_WIDTH": "64", "MOCHI_API_HEIGHT": "48",
+                "MOCHI_API_MAX_QUEUE": "4", "MOCHI_API_SYNC_TIMEOUT": "300"}
 
 
 class _Shared:
@@ -27,7 +32,10 @@ def acquire(tmp_root: Path) -> ComfyServer:
         base.mkdir(parents=True)
         seed_base(base)
         names = fill_demo_models(base / "models")
-        server = start_server(base, ("--preview-method", "latent2rgb"))
+        models = {"MOCHI_API_DIT": names["dit"], "MOCHI_API_VAE": names["vae"],
+                  "MOCHI_API_T5": names["t5"]}
+        server = start_server(base, ("--preview-method", "latent2rgb"),
+                              env={**API_SETTINGS, **models})
         server.demo_files = names
         _Shared.server = server
     _Shared.users += 1

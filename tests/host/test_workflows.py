@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from scripts.workflow_api import ui_to_api
+from mochi_api.workflow import ui_to_api
 from tests.conftest import ROOT
 from tests.host.frontend import bundled_workflows
 from tests.host.media import DEMO_SHAPE, embedded_prompt, point_at_demo, read_video, saved_files
@@ -44,8 +44,8 @@ def input_video(comfy):
 
 
 def test_our_converter_matches_the_frontend(comfy, api_prompts):
-    """scripts/workflow_api.py (used by the main job, no browser) gives the same prompts as the
-    frontend's app.graphToPrompt()."""
+    """mochi_api/workflow.py (used by the main job and the API, no browser) gives the same
+    prompts as the frontend's app.graphToPrompt()."""
     object_info = comfy.get("/object_info")
     for name, workflow in bundled_workflows().items():
         ours = ui_to_api(workflow, object_info)

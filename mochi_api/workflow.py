@@ -2,8 +2,9 @@
 
 It follows what the frontend's ``app.graphToPrompt()`` does for the graphs this pack ships
 (plain nodes, links, widget values, UI-only note nodes); the host tests check that both give
-the same prompt for every bundled workflow. Node definitions come from the server's
-``/object_info``.
+the same prompt for every bundled workflow. Node definitions are those of the server's
+``/object_info`` (the generation API passes its own nodes' ``GET_NODE_INFO_V1()``). Used by the
+main job, the tests and, at run time, the generation API.
 """
 
 from __future__ import annotations
