@@ -66,7 +66,7 @@ def test_a_nan_weight_fails_before_decoding(comfy):
     error = execution_error(entry)
     assert "NaN at step 1 of 2 in float32" in error["exception_message"]
     assert "check the checkpoint file" in error["exception_message"]
-    assert entry["outputs"] == {} and written(comfy, "Mochi1/nan_weight") == []
+    assert "save" not in entry["outputs"] and written(comfy, "Mochi1/nan_weight") == []
 
 
 def latent_prompt(comfy, dit_name: str, seed: int, prefix: str) -> dict:
