@@ -96,7 +96,8 @@ class Jobs:
         prompt = self.server.trigger_on_prompt({"prompt": prompt})["prompt"]
         valid, error, outputs, node_errors = await execution.validate_prompt(job.id, prompt, None)
         if not valid:
-            messages = [e["message"] for n in node_errors.values() for e in n["errors"]]
+            messages = [e.get("details") or e["message"]
+                        for n in node_errors.values() for e in n["errors"]]
             fallback = (error or {}).get("message", "invalid graph")
             raise RejectedError("; ".join(messages) or fallback)
         number = self.server.number

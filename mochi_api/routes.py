@@ -29,8 +29,9 @@ POLL_SECONDS = 0.2
 TRUE = {"1", "true", "yes"}
 
 
-def _error(status: int, message: str, **extra) -> web.Response:
-    return web.json_response({"error": message, **extra}, status=status)
+def _error(code: int, message: str, **extra) -> web.Response:
+    """A JSON error: ``{"error": message, ...extra}`` with the HTTP status ``code``."""
+    return web.json_response({"error": message, **extra}, status=code)
 
 
 def _settings_path() -> Path:
