@@ -18,7 +18,7 @@ import folder_paths
 from aiohttp import web
 
 from . import request as body_rules
-from .jobs import FAILED, SUCCEEDED, Job, Jobs, RejectedError, video_path
+from .jobs import FAILED, QUEUED, RUNNING, SUCCEEDED, Job, Jobs, RejectedError, video_path
 from .settings import Settings, SettingsError, load
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ class Api:
     def __init__(self, server) -> None:
         self.jobs = Jobs(server)
 
-    async def _authorise(self, request: web.Request) -> Settings | web.Response:
+    def _authorise(self, request: web.Request) -> Settings | web.Response:
         """The settings, or the response that ends the call (404 off, 401, 500 bad settings)."""
         try:
             settings = load(_settings_path())
@@ -58,7 +58,7 @@ class Api:
         return settings
 
     async def generate(self, request: web.Request) -> web.StreamResponse:
-        settings = await self._authorise(request)
+        settings = self._authorise(request)
         if isinstance(settings, web.Response):
             return settings
         if (request.content_length or 0) > MAX_BODY:
@@ -93,14 +93,14 @@ class Api:
         return web.json_response(self._status(job), status=202)
 
     async def job(self, request: web.Request) -> web.Response:
-        settings = await self._authorise(request)
+        settings = self._authorise(request)
         if isinstance(settings, web.Response):
             return settings
         job = self._known(request)
         return web.json_response(self._status(job))
 
     async def video(self, request: web.Request) -> web.StreamResponse:
-        settings = await self._authorise(request)
+        settings = self._authorise(request)
         if isinstance(settings, web.Response):
             return settings
         return self._video(self._known(request))
@@ -138,7 +138,7 @@ class Api:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             status, _, _ = self.jobs.state(job)
-            if status not in ("queued", "running"):
+            if status not in (QUEUED, RUNNING):
                 return self._video(job)
             await asyncio.sleep(POLL_SECONDS)
         return _error(504, f"the run did not finish within {timeout:g} s; it goes on",
