@@ -12,10 +12,34 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests import netguard
+
 ROOT = Path(__file__).resolve().parents[1]
 HOST_DIR = Path(os.environ.get("MOCHI_TEST_HOST", ROOT / ".host" / "ComfyUI"))
 SHARED_DIR = Path(os.environ.get("MOCHI_SHARED_DIR", ROOT.parent / "shared"))
 KEYS_DIR = SHARED_DIR / "mochi" / "keys"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """No test may reach the network: non-loopback connects fail (``tests/netguard.py``).
+
+    Installed before collection, so imports made while collecting are covered too.
+    """
+    netguard.install()
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    if netguard.BLOCKED:
+        raise RuntimeError(f"outbound connections attempted while collecting: {netguard.BLOCKED}")
+
+
+@pytest.fixture(autouse=True)
+def _no_outbound_connections():
+    """Fail a test during which a connection was refused, even if the code swallowed it."""
+    before = len(netguard.BLOCKED)
+    yield
+    attempts = netguard.BLOCKED[before:]
+    assert not attempts, f"outbound connections attempted (and blocked): {attempts}"
 
 
 @pytest.fixture(autouse=True)
