@@ -98,7 +98,11 @@ def size_error(name: str, value: int) -> str | None:
 
 def range_error(name: str, value, low, high) -> str | None:
     """A message naming ``name`` and its range when ``value`` falls outside [low, high]."""
-    if value is None or low <= value <= high:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"{name} must be a number between {low} and {high}; got {value!r}"
+    if low <= value <= high:
         return None
     return f"{name} must be between {low} and {high}; got {value}"
 

@@ -131,7 +131,8 @@ class Sampler(io.ComfyNode):
             frames_error("frames", frames), range_error("steps", steps, 1, 1000),
             range_error("cfg", cfg, 0.0, 30.0), range_error("denoise", denoise, 0.01, 1.0),
             range_error("threshold_noise", threshold_noise, 0.001, 0.999),
-            None if None in (linear_steps, steps) or linear_steps < steps else
+            None if not all(isinstance(v, int) for v in (linear_steps, steps))
+            or linear_steps < steps else
             f"linear_steps must be 0 (auto) or below steps ({steps}); got {linear_steps}",
             choice_error("batch_cfg", batch_cfg, list(BATCH_CFG)),
             cfg_schedule_error(cfg_schedule))

@@ -15,6 +15,8 @@ from mochi_core import video
 
 from ._shared import CATEGORY, choice_error, first_error, range_error
 
+#: Longest accepted prefix (file names are limited to 255 bytes on most filesystems).
+MAX_PREFIX = 200
 FORMATS = {"mp4 (H.264)": "mp4", "webm (VP9)": "webm", "gif": "gif", "webp (animated)": "webp"}
 
 
@@ -22,6 +24,10 @@ def prefix_error(filename_prefix: str) -> str | None:
     """Refuse a prefix that would write outside the output folder."""
     if filename_prefix is None:
         return None
+    if "\x00" in filename_prefix or len(filename_prefix) > MAX_PREFIX:
+        nul = " with a NUL byte" if "\x00" in filename_prefix else ""
+        return (f"filename_prefix must be at most {MAX_PREFIX} characters without NUL bytes; "
+                f"got {len(filename_prefix)} characters{nul}")
     out = os.path.realpath(folder_paths.get_output_directory())
     target = os.path.realpath(os.path.join(out, filename_prefix or "x"))
     if filename_prefix and os.path.commonpath([out, target]) == out and not os.path.isabs(
