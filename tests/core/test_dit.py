@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from mochi_core import attention as attn
+from mochi_core import dit as dit_module
 from mochi_core.dit import (
     AsymmDiT,
     DiTConfig,
@@ -359,3 +360,22 @@ def test_sage_model_loops_over_a_ragged_batch(fake_kernels, model):
     x, sigma, y_feat, y_mask = inputs([7, 15])
     out = run(sage, x, sigma, y_feat, y_mask)  # _fake_sage asserts it never sees a mask
     assert rel_err(out, run(model, x, sigma, y_feat, y_mask)) < 2e-2  # attention in bf16
+
+
+# ------------------------------------------------------------------------------ MLP chunking
+
+
+def test_token_chunks_cover_every_token_once_in_bounded_slices():
+    for n, size in [(48, 4096), (44520, 4096), (10, 3), (7, 7), (1, 4)]:
+        chunks = dit_module.token_chunks(n, size)
+        covered = [i for s in chunks for i in range(n)[s]]
+        assert covered == list(range(n)), (n, size)
+        assert max(s.stop - s.start for s in chunks) <= size
+
+
+def test_mlp_chunking_does_not_change_the_output(model, monkeypatch):
+    args = inputs([5, 9])  # 2 × 2 × 4 × 6 = 48 visual tokens per sample
+    whole = run(model, *args)
+    monkeypatch.setattr(dit_module, "MLP_CHUNK", 7)  # 7 uneven chunks per sample
+    chunked = run(model, *args)
+    assert rel_err(chunked, whole) <= 1e-6
