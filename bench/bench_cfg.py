@@ -16,6 +16,7 @@ import argparse
 import statistics
 import time
 
+import _util  # noqa: F401  (puts the project root on sys.path)
 import torch
 
 from mochi_core.demo import DemoDiTSize, random_dit_state_dict

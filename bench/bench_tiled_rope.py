@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import statistics
 
+import _util  # noqa: F401  (puts the project root on sys.path)
 import torch
 
 from mochi_core.demo import DemoDiTSize, random_dit_state_dict
