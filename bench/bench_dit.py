@@ -120,7 +120,7 @@ def bench_case(
         with counter:
             out = run(*args)
         flops[name] = counter.get_total_flops()
-        errs[name] = rel_err(out, ref) if ref is not None else float("nan")
+        errs[name] = f"{rel_err(out, ref):.2e}" if ref is not None else "n/a"  # fp32 only
         del out
     times = {name: [] for name in runs}
     cpus = {name: [] for name in runs}
@@ -158,7 +158,7 @@ def bench_case(
             f"  {name:<10} {med[name]:>7.2f} {ratio:>6.3f} {rate / 1e9:>8.1f} "
             f"{rate / matmul[0]:>5.2f} | {cpu[name]:>6.2f} {cpu_ratio:>6.3f} "
             f"{cpu_rate / 1e9:>8.1f} {cpu_rate / matmul[1]:>5.2f} | {flops[name] / 1e9:>6.0f} "
-            f"{fmt_bytes(statistics.median(peaks[name])):>15} {errs[name]:>9.2e}"
+            f"{fmt_bytes(statistics.median(peaks[name])):>15} {errs[name]:>9}"
         )
     print(
         f"  (GFLOP/s uses our FLOP count for all, so equal work; fastest peer: {fastest_peer}; "
