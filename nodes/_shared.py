@@ -5,6 +5,7 @@ Everything here is small and host-facing; the model itself lives in ``mochi_core
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import comfy.latent_formats
@@ -50,12 +51,32 @@ def choice_error(name: str, value, options) -> str | None:
     return f"{name}: {value!r} is not one of the allowed values ({shown})"
 
 
+def outside_error(name: str, folder: str, path: str) -> str | None:
+    """A message when ``path`` (found in model folder ``folder``) resolves outside every folder
+    the host has for ``folder``: a symlink that leaves the models tree.
+
+    Links inside the tree, and folders that are themselves links (``models/vae -> /data/vae``),
+    are fine: the file's real path is compared with the real paths of the registered folders.
+    A folder outside ``models/`` becomes allowed by registering it in the host's
+    ``extra_model_paths.yaml``.
+    """
+    real = os.path.realpath(path)
+    roots = [os.path.realpath(root) for root in folder_paths.get_folder_paths(folder)]
+    if any(os.path.commonpath([root, real]) == root for root in roots):
+        return None
+    return (f"{name}: {os.path.basename(path)!r} is a link to {real}, outside the "
+            f"'{folder}' model folders; refusing to read it. Move the file into "
+            f"models/{folder}/ or register its folder in extra_model_paths.yaml")
+
+
 def file_error(name: str, folder: str, value: str, allow_none: bool = False) -> str | None:
-    """A message when ``value`` is not a file of the host's model folder ``folder``."""
+    """A message when ``value`` is not a file of the host's model folder ``folder``, or is a
+    link leaving it (:func:`outside_error`)."""
     if value is None or (allow_none and value == NONE):
         return None
-    if value and folder_paths.get_full_path(folder, value) is not None:
-        return None
+    path = folder_paths.get_full_path(folder, value) if value else None
+    if path is not None:
+        return outside_error(name, folder, path)
     found = folder_paths.get_filename_list(folder)
     listing = ", ".join(found[:8]) if found else "the folder is empty"
     return (
@@ -65,10 +86,17 @@ def file_error(name: str, folder: str, value: str, allow_none: bool = False) -> 
 
 
 def model_path(folder: str, name: str) -> str:
-    """The full path of a model file (validated before), or a clear error."""
+    """The full path of a model file (validated before), or a clear error.
+
+    The confinement check runs again here: the file may have been replaced by a link between
+    validation and execution.
+    """
     path = folder_paths.get_full_path(folder, name)
     if path is None:
         raise FileNotFoundError(f"{name!r} is not in the '{folder}' model folder")
+    message = outside_error(f"{folder} file", folder, path)
+    if message:
+        raise PermissionError(message)
     return path
 
 
