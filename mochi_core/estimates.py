@@ -148,11 +148,8 @@ def dit_forward_trace(
     transient copies count as activations.
     """
     T, H, W = latent_thw
-    model = AsymmDiT(config, device="meta", dtype=storage_dtype or compute_dtype,
-                     compute_dtype=compute_dtype)  # fmt: skip
-    x = torch.empty(batch, config.in_channels, T, H, W, device="meta")
-    y_feat = torch.empty(batch, text_tokens, config.t5_feat_dim, device="meta")
-
+    model, x, y_feat = _meta_inputs(config, latent_thw, text_tokens, batch, compute_dtype,
+                                    storage_dtype)  # fmt: skip
     counter = FlopCounterMode(display=False)
     with counter:
         _meta_forward(model, x, y_feat, model.attention)  # torch SDPA, counted from the shapes
@@ -164,6 +161,36 @@ def dit_forward_trace(
         tokens=T * (H // p) * (W // p), text_tokens=text_tokens,
         flops=counter.get_total_flops(), activation_peak=tracker.peak,
     )  # fmt: skip
+
+
+def trace_dit_activations(
+    config: DiTConfig,
+    latent_thw: tuple[int, int, int],
+    *,
+    text_tokens: int = 256,
+    batch: int = 1,
+    compute_dtype: torch.dtype = torch.bfloat16,
+    storage_dtype: torch.dtype | None = None,
+) -> int:
+    """The activation peak of :func:`dit_forward_trace` alone (no FLOP count), in bytes."""
+    model, x, y_feat = _meta_inputs(config, latent_thw, text_tokens, batch, compute_dtype,
+                                    storage_dtype)  # fmt: skip
+    tracker = LiveBytes()
+    with tracker:
+        _meta_forward(model, x, y_feat, output_only_attention)
+    return tracker.peak
+
+
+def _meta_inputs(
+    config: DiTConfig, latent_thw: tuple[int, int, int], text_tokens: int, batch: int,
+    compute_dtype: torch.dtype, storage_dtype: torch.dtype | None,
+) -> tuple[AsymmDiT, torch.Tensor, torch.Tensor]:
+    T, H, W = latent_thw
+    model = AsymmDiT(config, device="meta", dtype=storage_dtype or compute_dtype,
+                     compute_dtype=compute_dtype)  # fmt: skip
+    x = torch.empty(batch, config.in_channels, T, H, W, device="meta")
+    y_feat = torch.empty(batch, text_tokens, config.t5_feat_dim, device="meta")
+    return model, x, y_feat
 
 
 def _meta_forward(

@@ -25,6 +25,7 @@ from typing import Protocol
 
 import torch
 
+from . import memory
 from .finite import check_dit_step
 from .text import TextConditioning
 from .tiled_sampling import TiledModel, TileOptions
@@ -185,6 +186,7 @@ def sample(
     batch_cfg: bool | None = None,
     device: torch.device | str | None = None,
     tiling: TileOptions | None = None,
+    check_memory: bool = True,
 ) -> torch.Tensor:
     """Sample DiT-space latents with Euler steps over ``sigmas`` and classifier-free guidance.
 
@@ -204,6 +206,10 @@ def sample(
         device: where to sample; default the latents' device, else the model's.
         tiling: run the model on overlapping tiles blended per step
             (:class:`mochi_core.tiled_sampling.TiledModel`); None (default) runs it whole.
+        check_memory: before anything is allocated, estimate the memory of a step of an
+            :class:`~mochi_core.dit.AsymmDiT` and raise
+            :class:`~mochi_core.memory.InsufficientMemoryError` (with the options that would
+            fit) when ``device`` cannot hold it (:mod:`mochi_core.memory`).
 
     Returns:
         ``B × 12 × T × h × w`` fp32 latents in DiT space.
@@ -218,6 +224,13 @@ def sample(
         device = latents_or_shape.device if is_tensor else _model_device(model)
     batched = supports_batched_text(model) if batch_cfg is None else batch_cfg
     dtype = compute_dtype(model)
+    if check_memory:
+        shape = tuple(latents_or_shape.shape if isinstance(latents_or_shape, torch.Tensor)
+                      else latents_or_shape)  # fmt: skip
+        job = memory.dit_job(model, shape, [positive, negative],
+                             batched and any(s != 1.0 for s in scales), tiling)  # fmt: skip
+        if job is not None:
+            memory.check_dit(job, device, memory.weight_bytes_on(model, device))
     if tiling is not None:
         model = TiledModel(model, tiling)
     z = initial_latents(latents_or_shape, sig[0], generator, device)

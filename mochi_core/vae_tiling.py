@@ -40,10 +40,12 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
+from . import memory
 from .finite import check_vae_output
 from .vae import (
     SPATIAL_FACTOR,
     CausalCache,
+    DecoderConfig,
     Encoder,
     decoded_frames,
     latent_frames,
@@ -216,7 +218,7 @@ def _with_oom_retry(
 def decode(
     decoder: nn.Module, z_vae: torch.Tensor, *, frames_per_chunk: int | None = None,
     tile_size: int | None = None, tile_overlap: int = DEFAULT_OVERLAP,
-    callback: ProgressCallback | None = None,
+    callback: ProgressCallback | None = None, check_memory: bool = True,
 ) -> torch.Tensor:
     """Decode latents in VAE space to pixels, streamed in time and optionally tiled in space.
 
@@ -224,9 +226,19 @@ def decode(
     latent frames per decoder call (None: the whole clip; results are exact for any value).
     ``tile_size`` / ``tile_overlap``: square tiles and their overlap in latent pixels (None:
     no spatial tiling). Returns fp32 pixels ``B × 3 × (6T − 5) × 8h × 8w`` in about [-1, 1].
+
+    ``check_memory``: before decoding, estimate the memory (:mod:`mochi_core.memory`); when the
+    job does not fit, decode fewer frames per chunk (the result is the same) or, if even one
+    frame at a time does not fit, raise ``InsufficientMemoryError`` naming the tile sizes that
+    would. An out-of-memory error during the decode still shrinks chunks, then tiles.
     """
     _check_latent(z_vae)
     t, grid = z_vae.shape[2], (z_vae.shape[3], z_vae.shape[4])
+    if check_memory and isinstance(getattr(decoder, "config", None), DecoderConfig):
+        job = memory.check_decode(memory.DecodeJob(
+            decoder.config, tuple(z_vae.shape), z_vae.dtype, frames_per_chunk, tile_size,
+            tile_overlap), z_vae.device)  # fmt: skip
+        frames_per_chunk = job.frames_per_chunk
 
     def attempt(chunk: int, tile: int | None) -> torch.Tensor:
         return _blend_tiles(

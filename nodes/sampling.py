@@ -6,7 +6,7 @@ import comfy.model_management as mm
 import torch
 from comfy_api.latest import io
 
-from mochi_core import sampling, schedule, text, vae
+from mochi_core import memory, sampling, schedule, text, vae
 from mochi_core.tiled_sampling import ROPE_MODES, TileOptions
 
 from ._shared import (
@@ -144,16 +144,23 @@ class Sampler(io.ComfyNode):
         start = None if latent is None else latent["samples"].float()
         shape = (1, 12, (frames - 1) // 6 + 1, height // 8, width // 8)
         sigmas = schedule.denoise_schedule(steps, denoise, threshold_noise, linear_steps or None)
-        mm.load_models_gpu([model])
         if start is not None and denoise < 1.0:
             start_or_shape = vae.vae_to_dit_latents(start)
         else:
             start_or_shape = tuple(start.shape) if start is not None else shape
+        pos, neg = conditioning_to_text(positive), conditioning_to_text(negative)
+        module, batched = model.model.module, BATCH_CFG[batch_cfg]
+        if batched is None:
+            batched = sampling.supports_batched_text(module)
+        job = memory.dit_job(module, tuple(getattr(start_or_shape, "shape", start_or_shape)),
+                             [pos, neg], batched, tiling)  # fmt: skip
+        # Let the host unload other models to make room for the activations too; the sampler
+        # then checks the free memory against the same estimate before it allocates anything.
+        mm.load_models_gpu([model], memory_required=memory.with_margin(job.need()) if job else 0)
         z = sampling.sample(
-            model.model.module, latents_or_shape=start_or_shape,
-            positive=conditioning_to_text(positive), negative=conditioning_to_text(negative),
+            module, latents_or_shape=start_or_shape, positive=pos, negative=neg,
             sigmas=sigmas, cfg=parse_cfg_schedule(cfg_schedule or "", steps) or cfg,
-            generator=torch.Generator("cpu").manual_seed(seed), batch_cfg=BATCH_CFG[batch_cfg],
+            generator=torch.Generator("cpu").manual_seed(seed), batch_cfg=batched,
             tiling=tiling, device=model.load_device,
             callback=StepProgress(steps, model.load_device))
         return io.NodeOutput({"samples": vae.dit_to_vae_latents(z).to(mm.intermediate_device())})

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import comfy.model_management as mm
 import torch
 from comfy_api.latest import io
 from einops import rearrange
 
-from mochi_core import vae_tiling
+from mochi_core import memory, vae_tiling
 
 from ._shared import (
     CATEGORY,
@@ -99,9 +101,16 @@ class VAEDecode(io.ComfyNode):
     @classmethod
     def execute(cls, decoder, samples, tile_size, tile_overlap, frame_chunk) -> io.NodeOutput:
         require_half(decoder, "decoder")
-        mm.load_models_gpu([decoder])
-        dtype = next(decoder.model.module.parameters()).dtype
-        z = samples["samples"].to(decoder.load_device, dtype=dtype)
+        module = decoder.model.module
+        dtype = next(module.parameters()).dtype
+        latents = samples["samples"]
+        job = memory.DecodeJob(module.config, tuple(latents.shape), dtype, frame_chunk or None,
+                               tile_size // 8 or None, tile_overlap // 8)  # fmt: skip
+        # Room for the smallest exact setting (one latent frame per chunk) at the chosen tiles:
+        # the decoder picks the largest chunk that fits, or refuses with the tile sizes that do.
+        smallest = memory.with_margin(dataclasses.replace(job, frames_per_chunk=1).need())
+        mm.load_models_gpu([decoder], memory_required=smallest)
+        z = latents.to(decoder.load_device, dtype=dtype)
         pixels = vae_tiling.decode(
             decoder.model.module, z, frames_per_chunk=frame_chunk or None,
             tile_size=tile_size // 8 or None, tile_overlap=tile_overlap // 8,
