@@ -234,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch  # noqa: PLC0415
 
     from .demo import DEMO_NOTE  # noqa: PLC0415
+    from .finite import NonFiniteError  # noqa: PLC0415
+    from .memory import InsufficientMemoryError  # noqa: PLC0415
     from .pipeline import CheckpointPaths, generate  # noqa: PLC0415
     from .video import write_video  # noqa: PLC0415
 
@@ -250,6 +252,11 @@ def main(argv: list[str] | None = None) -> int:
                           frames_per_chunk=args.decode_chunk,
                           tile_size=args.decode_tile // 8 or None, sample_callback=bars.on_step,
                           decode_callback=bars.on_decode)  # fmt: skip
+    except (InsufficientMemoryError, NonFiniteError) as err:
+        # Known refusals: the message says what to change; a traceback would only bury it.
+        bars.close()
+        print(f"mochi_core: error: {err}", file=sys.stderr)
+        return 1
     finally:
         bars.close()
     out = write_video(result.frames, args.output, args.fps, quality=args.quality,

@@ -98,3 +98,18 @@ def test_demo_checkpoints_load_through_the_real_loaders(tmp_path):
     stamp = paths.dit.stat().st_mtime_ns
     assert make_demo_checkpoints(tmp_path, seed=4) == paths
     assert paths.dit.stat().st_mtime_ns == stamp, "an up-to-date demo set was rewritten"
+
+
+def test_a_job_that_cannot_fit_exits_with_the_estimate_and_no_file(tmp_path):
+    """``MOCHI_MEMORY_LIMIT_GB`` below the margin alone: the sampler refuses before a step."""
+    out = tmp_path / "never.mp4"
+    env = {"MOCHI_MEMORY_LIMIT_GB": "0.1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "mochi_core", "--demo", "--frames", "13", "--steps", "2",
+         "--width", "64", "--height", "48", "--output", str(out)], cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "XDG_CACHE_HOME": str(tmp_path / "c"), **env},
+        capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "mochi_core: error: this sampling job needs about" in proc.stderr
+    assert "limited by MOCHI_MEMORY_LIMIT_GB=0.1" in proc.stderr
+    assert "Traceback" not in proc.stderr and not out.exists()
