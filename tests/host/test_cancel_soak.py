@@ -11,7 +11,8 @@ decoder's tile buffers are below it), so RSS after a run differs from RSS before
 150 MB either way even when nothing is referenced any more. Measured while writing these tests
 on this cancelled decode (at 1600×1600), six times in a row: RSS -49 to +145 MB, while glibc's
 own count of bytes in use (``malloc_stats()``, mmapped chunks included) moved by less than
-0.1 MB; with ``GLIBC_TUNABLES=glibc.malloc.mmap_threshold=131072`` RSS came back within 4 MB.
+0.1 MB; with ``GLIBC_TUNABLES=glibc.malloc.mmap_threshold=131072`` (the same decode at 768×512)
+RSS came back within 4 MB.
 The cancelled decode therefore allocates a 624 MB output buffer: an exception traceback or a
 cache that kept the decode's tensors alive would keep that buffer, far above the tolerance.
 """
