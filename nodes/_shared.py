@@ -5,6 +5,8 @@ Everything here is small and host-facing; the model itself lives in ``mochi_core
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
 from dataclasses import dataclass
 
@@ -167,3 +169,25 @@ class StepProgress:
 def check_interrupted() -> None:
     """Raise the host's interrupt exception when the user cancelled the prompt."""
     comfy.model_management.throw_exception_if_processing_interrupted()
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's ``malloc_trim``, or None where the C library is not glibc (macOS, Windows, musl)."""
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def return_freed_memory() -> None:
+    """Hand the pages of freed tensors back to the OS after a large CPU job.
+
+    glibc keeps freed heap memory for reuse (tile buffers fall below its adaptive mmap
+    threshold), so without this the server's resident memory stays up to ~150 MB above its
+    level after a decode, cancelled or not, although nothing is referenced any more. Costs a
+    few milliseconds.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)

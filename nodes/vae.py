@@ -20,6 +20,7 @@ from ._shared import (
     choice_error,
     first_error,
     range_error,
+    return_freed_memory,
 )
 
 FRAME_HANDLING = ["trim to 6k+1", "reject"]
@@ -111,11 +112,15 @@ class VAEDecode(io.ComfyNode):
         smallest = memory.with_margin(dataclasses.replace(job, frames_per_chunk=1).need())
         mm.load_models_gpu([decoder], memory_required=smallest)
         z = latents.to(decoder.load_device, dtype=dtype)
-        pixels = vae_tiling.decode(
-            decoder.model.module, z, frames_per_chunk=frame_chunk or None,
-            tile_size=tile_size // 8 or None, tile_overlap=tile_overlap // 8,
-            callback=StepProgress(1))
-        return io.NodeOutput(pixels_to_image(pixels))
+        try:
+            pixels = vae_tiling.decode(
+                module, z, frames_per_chunk=frame_chunk or None,
+                tile_size=tile_size // 8 or None, tile_overlap=tile_overlap // 8,
+                callback=StepProgress(1))
+            return io.NodeOutput(pixels_to_image(pixels))
+        finally:
+            del z
+            return_freed_memory()  # also after a cancel: the tile buffers are gone by now
 
 
 class VAEEncode(io.ComfyNode):
