@@ -15,6 +15,7 @@ import torch
 
 from mochi_core import memory, sampling, vae_tiling
 from mochi_core.dit import AsymmDiT, DiTConfig
+from mochi_core.estimates import LiveBytes
 from mochi_core.text import TextConditioning
 from mochi_core.vae import Decoder, DecoderConfig
 from tests.conftest import ROOT
@@ -221,3 +222,24 @@ def test_free_memory_of_this_machine_is_known_and_plausible(monkeypatch):
     with open("/proc/meminfo") as f:
         total = int(next(line for line in f if line.startswith("MemTotal")).split()[1]) * 1024
     assert not limited and 0 < free <= total
+
+
+def test_streamed_decode_memory_is_flat_in_clip_length():
+    """The live tensors of a whole streamed decode (the real widths, traced on meta) peak at the
+    same level for 43 and 163 frames: only the first chunk differs (it gives 6n − 5 frames), so
+    a clip of fewer than two full chunks peaks lower, and nothing grows with length after that.
+    This is also why :class:`~mochi_core.memory.DecodeJob` traces only two chunks."""
+    decoder = Decoder(DecoderConfig(), device="meta")
+
+    def streamed_peak(t: int) -> int:
+        tracker = LiveBytes()
+        with tracker, torch.no_grad():
+            for _, pixels in vae_tiling.stream_decode(
+                    decoder, torch.empty(1, 12, t, 8, 8, device="meta"), 3):
+                del pixels
+        return tracker.peak
+
+    short, long = streamed_peak(8), streamed_peak(28)
+    assert abs(long - short) <= 0.01 * short, (short, long)
+    two_chunks = memory._decoder_peak(DecoderConfig(), (1, 28, 8, 8), 3, torch.float32)
+    assert abs(two_chunks - long) <= 0.01 * long, (two_chunks, long)
