@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
                           decode_callback=bars.on_decode)  # fmt: skip
     except (InsufficientMemoryError, NonFiniteError) as err:
         # Known refusals: the message says what to change; a traceback would only bury it.
-        bars.close()
+        bars.close()  # first, so that no bar is drawn over the message
         print(f"mochi_core: error: {err}", file=sys.stderr)
         return 1
     finally:

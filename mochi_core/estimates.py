@@ -153,13 +153,10 @@ def dit_forward_trace(
     counter = FlopCounterMode(display=False)
     with counter:
         _meta_forward(model, x, y_feat, model.attention)  # torch SDPA, counted from the shapes
-    tracker = LiveBytes()
-    with tracker:
-        _meta_forward(model, x, y_feat, output_only_attention)
     p = config.patch_size
     return ForwardTrace(
         tokens=T * (H // p) * (W // p), text_tokens=text_tokens,
-        flops=counter.get_total_flops(), activation_peak=tracker.peak,
+        flops=counter.get_total_flops(), activation_peak=_activation_peak(model, x, y_feat),
     )  # fmt: skip
 
 
@@ -173,8 +170,11 @@ def trace_dit_activations(
     storage_dtype: torch.dtype | None = None,
 ) -> int:
     """The activation peak of :func:`dit_forward_trace` alone (no FLOP count), in bytes."""
-    model, x, y_feat = _meta_inputs(config, latent_thw, text_tokens, batch, compute_dtype,
-                                    storage_dtype)  # fmt: skip
+    return _activation_peak(*_meta_inputs(config, latent_thw, text_tokens, batch,
+                                          compute_dtype, storage_dtype))  # fmt: skip
+
+
+def _activation_peak(model: AsymmDiT, x: torch.Tensor, y_feat: torch.Tensor) -> int:
     tracker = LiveBytes()
     with tracker:
         _meta_forward(model, x, y_feat, output_only_attention)

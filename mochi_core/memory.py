@@ -194,6 +194,20 @@ def _dit_tiling(tile_px: int) -> TileOptions:
     return TileOptions(tile=(side, side), overlap=side // 4 // 2 * 2)
 
 
+def _fitting_tiling(job: DiTJob, available: int) -> DiTJob | None:
+    """``job`` with the largest DiT tiling of :data:`DIT_TILES` that fits (with the job's own
+    CFG batching if possible, else with separate passes), or None."""
+    H, W = job.latent_shape[3:]
+    for px in DIT_TILES:
+        if px // 8 >= max(H, W):
+            continue
+        for batched in dict.fromkeys((job.batch_cfg, False)):
+            tiled = dataclasses.replace(job, tiling=_dit_tiling(px), batch_cfg=batched)
+            if with_margin(tiled.need()) <= available:
+                return tiled
+    return None
+
+
 def dit_alternatives(job: DiTJob, available: int, weights_on_device: int,
                      device: torch.device) -> list[str]:
     """The options that would make ``job`` fit in ``available`` bytes, as sentences.
@@ -202,26 +216,17 @@ def dit_alternatives(job: DiTJob, available: int, weights_on_device: int,
     (0 when the bound is a limit on the job's own memory, which weights do not count against).
     """
     out = []
-    _, _, T, H, W = job.latent_shape
     if job.batch_cfg:
         alone = dataclasses.replace(job, batch_cfg=False)
         if with_margin(alone.need()) <= available:
             out.append(f"batch_cfg 'separate' (two passes per step): "
                        f"{gib(with_margin(alone.need()))}")
-    for px in DIT_TILES:
-        if px // 8 >= max(H, W):
-            continue
-        for batched in dict.fromkeys((job.batch_cfg, False)):
-            tiled = dataclasses.replace(job, tiling=_dit_tiling(px), batch_cfg=batched)
-            if with_margin(tiled.need()) <= available:
-                how = "" if batched == job.batch_cfg else ", batch_cfg 'separate'"
-                out.append(f"DiT tiling with {px} px tiles, {px // 4 // 16 * 16} px overlap{how} "
-                           f"(Mochi 1 DiT Tiling node, or --dit-tile {px}): "
-                           f"{gib(with_margin(tiled.need()))}")
-                break
-        else:
-            continue
-        break
+    if (tiled := _fitting_tiling(job, available)) is not None:
+        px, overlap = tiled.tiling.tile[0] * 8, tiled.tiling.overlap * 8
+        how = "" if tiled.batch_cfg == job.batch_cfg else ", batch_cfg 'separate'"
+        out.append(f"DiT tiling with {px} px tiles, {overlap} px overlap{how} "
+                   f"(Mochi 1 DiT Tiling node, or --dit-tile {px}): "
+                   f"{gib(with_margin(tiled.need()))}")
     freed = weights_on_device // 2 if job.storage_dtype.itemsize >= 2 else 0
     if freed and with_margin(job.need()) <= available + freed:
         out.append(f"fp8 weights (weight_dtype fp8_e4m3fn, or --weight-dtype fp8): frees about "
@@ -296,14 +301,19 @@ class DecodeJob:
             raise ValueError(f"decoder expects latents B × {self.config.latent_channels} × T × "
                              f"h × w (VAE space), got shape {tuple(shape)}")
 
+    def output_bytes(self) -> int:
+        """The fp32 pixels of the whole clip."""
+        B, _, T, h, w = self.latent_shape
+        return 4 * B * self.config.out_channels * decoded_frames(T) * h * w * 64
+
     def need(self) -> int:
         B, _, T, h, w = self.latent_shape
         chunk = min(self.frames_per_chunk or T, T)
         th, tw = (h, w) if self.tile is None else (min(self.tile, h), min(self.tile, w))
         work = _decoder_peak(self.config, (B, T, th, tw), chunk, self.dtype)
-        out_px = B * self.config.out_channels * decoded_frames(T) * h * w * 64
         tile_out = B * self.config.out_channels * decoded_frames(chunk) * th * tw * 64
-        return work + 4 * (out_px + h * w * 64 + tile_out)  # fp32 output, weights, one product
+        # the output, the blending weights (fp32, one per pixel) and one weighted chunk
+        return work + self.output_bytes() + 4 * (h * w * 64 + tile_out)
 
 
 def fitting_decode(job: DecodeJob, available: int) -> DecodeJob | None:
@@ -331,7 +341,7 @@ def check_decode(job: DecodeJob, device: torch.device | str) -> DecodeJob:
                         "(the result is the same)", fits.frames_per_chunk,
                         job.frames_per_chunk or "all", gib(available))  # fmt: skip
         return fits
-    B, _, T, h, w = job.latent_shape
+    _, _, T, h, w = job.latent_shape
     options = []
     for px in DECODE_TILES:
         if job.tile is not None and px // 8 >= job.tile or px // 8 >= max(h, w):
@@ -344,11 +354,10 @@ def check_decode(job: DecodeJob, device: torch.device | str) -> DecodeJob:
             break
     smallest = dataclasses.replace(job, frames_per_chunk=1)
     tiles = "" if job.tile is None else f" with {job.tile * 8} px tiles"
-    output = 4 * B * job.config.out_channels * decoded_frames(T) * h * w * 64
     raise InsufficientMemoryError(
         f"decoding latents {T}×{h}×{w} to {decoded_frames(T)} frames of {w * 8}×{h * 8} needs "
         f"about {gib(with_margin(smallest.need()))} on {device} even one latent frame at a time"
-        f"{tiles} (the {gib(output)} output included) but only {gib(available)} is free"
+        f"{tiles} (the {gib(job.output_bytes())} output included) but only {gib(available)} is free"
         f"{_limit_note()}. "
         + _options_text(options, "fewer frames or a smaller size"))
 

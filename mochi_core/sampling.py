@@ -173,6 +173,20 @@ def supports_batched_text(model: ModelFn) -> bool:
     return bool(flag)
 
 
+def memory_job(
+    model: ModelFn, latents_or_shape: torch.Tensor | Sequence[int],
+    positive: TextConditioning, negative: TextConditioning | None,
+    cfg: float | Sequence[float], steps: int, batch_cfg: bool | None,
+    tiling: TileOptions | None,
+) -> memory.DiTJob | None:
+    """What one step of :func:`sample` with these arguments asks of memory (for
+    :func:`mochi_core.memory.check_dit`); None when ``model`` is not an ``AsymmDiT``."""
+    shape = getattr(latents_or_shape, "shape", latents_or_shape)
+    batched = supports_batched_text(model) if batch_cfg is None else batch_cfg
+    uncond = negative is not None and any(s != 1.0 for s in _cfg_per_step(cfg, steps))
+    return memory.dit_job(model, tuple(shape), [positive, negative], batched and uncond, tiling)
+
+
 def sample(
     model: ModelFn,
     *,
@@ -224,13 +238,9 @@ def sample(
         device = latents_or_shape.device if is_tensor else _model_device(model)
     batched = supports_batched_text(model) if batch_cfg is None else batch_cfg
     dtype = compute_dtype(model)
-    if check_memory:
-        shape = tuple(latents_or_shape.shape if isinstance(latents_or_shape, torch.Tensor)
-                      else latents_or_shape)  # fmt: skip
-        job = memory.dit_job(model, shape, [positive, negative],
-                             batched and any(s != 1.0 for s in scales), tiling)  # fmt: skip
-        if job is not None:
-            memory.check_dit(job, device, memory.weight_bytes_on(model, device))
+    if check_memory and (job := memory_job(model, latents_or_shape, positive, negative, cfg,
+                                           steps, batch_cfg, tiling)) is not None:  # fmt: skip
+        memory.check_dit(job, device, memory.weight_bytes_on(model, device))
     if tiling is not None:
         model = TiledModel(model, tiling)
     z = initial_latents(latents_or_shape, sig[0], generator, device)

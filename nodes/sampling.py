@@ -149,18 +149,16 @@ class Sampler(io.ComfyNode):
         else:
             start_or_shape = tuple(start.shape) if start is not None else shape
         pos, neg = conditioning_to_text(positive), conditioning_to_text(negative)
-        module, batched = model.model.module, BATCH_CFG[batch_cfg]
-        if batched is None:
-            batched = sampling.supports_batched_text(module)
-        job = memory.dit_job(module, tuple(getattr(start_or_shape, "shape", start_or_shape)),
-                             [pos, neg], batched, tiling)  # fmt: skip
+        module, cfg = model.model.module, parse_cfg_schedule(cfg_schedule or "", steps) or cfg
+        job = sampling.memory_job(module, start_or_shape, pos, neg, cfg, steps,
+                                  BATCH_CFG[batch_cfg], tiling)  # fmt: skip
         # Let the host unload other models to make room for the activations too; the sampler
         # then checks the free memory against the same estimate before it allocates anything.
         mm.load_models_gpu([model], memory_required=memory.with_margin(job.need()) if job else 0)
         z = sampling.sample(
             module, latents_or_shape=start_or_shape, positive=pos, negative=neg,
-            sigmas=sigmas, cfg=parse_cfg_schedule(cfg_schedule or "", steps) or cfg,
-            generator=torch.Generator("cpu").manual_seed(seed), batch_cfg=batched,
+            sigmas=sigmas, cfg=cfg,
+            generator=torch.Generator("cpu").manual_seed(seed), batch_cfg=BATCH_CFG[batch_cfg],
             tiling=tiling, device=model.load_device,
             callback=StepProgress(steps, model.load_device))
         return io.NodeOutput({"samples": vae.dit_to_vae_latents(z).to(mm.intermediate_device())})
