@@ -16,8 +16,9 @@ from tests import netguard
 
 ROOT = Path(__file__).resolve().parents[1]
 HOST_DIR = Path(os.environ.get("MOCHI_TEST_HOST", ROOT / ".host" / "ComfyUI"))
-SHARED_DIR = Path(os.environ.get("MOCHI_SHARED_DIR", ROOT.parent / "shared"))
-KEYS_DIR = SHARED_DIR / "mochi" / "keys"
+#: Key names and shapes of the released checkpoints (data copied into the repository: no test
+#: reads anything outside the checkout).
+KEYS_DIR = ROOT / "tests" / "data" / "keys"
 
 
 def pytest_configure(config: pytest.Config) -> None:

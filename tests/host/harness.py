@@ -1,7 +1,7 @@
 """The one ComfyUI server of a test session, shared by ``tests/host`` and ``tests/browser``.
 
 A throw-away base directory, the pack symlinked into its ``custom_nodes``, the small generated
-demo weights in its model folders, loopback only (``../shared/HOST.md``).
+demo weights in its model folders, loopback only.
 """
 
 from __future__ import annotations
