@@ -33,6 +33,9 @@ from .tiled_sampling import TiledModel, TileOptions
 log = logging.getLogger(__name__)
 
 LATENT_CHANNELS = 12
+#: Largest noise seed: the range ``torch.Generator.manual_seed`` takes (0 .. 2**64 - 1), shared by
+#: the nodes, the pipeline and the CLI.
+MAX_SEED = 2**64 - 1
 
 #: ``callback(step, total, preview)``: ``step`` completed steps out of ``total``; ``preview`` is
 #: the fp32 x₀ estimate ``z + σ·v̂`` in DiT space (``B × 12 × T × h × w``); turn it into frames

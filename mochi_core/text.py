@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
+import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,40 @@ MAX_TOKENS = 256
 TOKENIZER_SUBDIR = Path("comfy") / "text_encoders" / "t5_tokenizer"
 #: Key prefixes under which T5 weights are found in known checkpoint layouts.
 KNOWN_PREFIXES = ("text_encoders.t5xxl.transformer.", "t5xxl.transformer.", "")
+
+
+#: Longest prompt accepted. T5 reads only the first 256 tokens (about 1,000 characters);
+#: text beyond this many characters is refused as a mistake (a pasted file, a runaway string).
+MAX_PROMPT_CHARS = 20_000
+
+
+def prompt_problem(name: str, value: str) -> str | None:
+    """Why ``value`` cannot be a prompt called ``name``, or None when it can.
+
+    Refused: text that is not a string, that is not valid Unicode (an unpaired surrogate), that
+    holds a NUL character, or that is longer than :data:`MAX_PROMPT_CHARS` characters. Empty text
+    is allowed here (an empty negative prompt is Genmo's default); see :func:`is_blank`.
+    """
+    if not isinstance(value, str):
+        return f"{name} must be text; got {type(value).__name__}"
+    if len(value) > MAX_PROMPT_CHARS:
+        return (f"{name} is {len(value):,} characters long; at most {MAX_PROMPT_CHARS:,} are "
+                f"accepted (T5 reads only the first {MAX_TOKENS} tokens, about 1,000 characters)")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        return (f"{name} is not valid Unicode text (an unpaired surrogate at character "
+                f"{err.start}); remove it or re-type the text")
+    if "\x00" in value:
+        return f"{name} holds a NUL character (at character {value.index(chr(0))}); remove it"
+    return None
+
+
+def is_blank(value: str) -> bool:
+    """True when ``value`` has no visible character: only whitespace, control characters (NUL
+    among them) and invisible format characters such as the zero-width space (U+200B) or the
+    byte-order mark. T5 reads such text as an empty prompt."""
+    return all(ch.isspace() or unicodedata.category(ch) in ("Cc", "Cf") for ch in value)
 
 
 @dataclass(frozen=True)

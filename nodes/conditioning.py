@@ -6,26 +6,13 @@ import comfy.model_management as mm
 import torch
 from comfy_api.latest import io
 
+from mochi_core import text
+
 from ._shared import CATEGORY, MochiTextEncoder, first_error
 
-#: T5 reads only the first 256 tokens (about 1,000 characters); longer text is cut there, and
-#: text beyond this many characters is refused as a mistake (a pasted file, a runaway string).
-MAX_PROMPT_CHARS = 20_000
-
-
 def prompt_error(name: str, value: str | None) -> str | None:
-    """Refuse text that is not valid Unicode (lone surrogates) or absurdly long."""
-    if value is None:
-        return None
-    if len(value) > MAX_PROMPT_CHARS:
-        return (f"{name} has {len(value):,} characters; at most {MAX_PROMPT_CHARS:,} are "
-                f"accepted (T5 reads only the first 256 tokens, about 1,000 characters)")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as err:
-        return (f"{name} is not valid UTF-8 text (an unpaired surrogate at character "
-                f"{err.start}); remove it or re-type the prompt")
-    return None
+    """The core's prompt rule (:func:`mochi_core.text.prompt_problem`); a linked input passes."""
+    return None if value is None else text.prompt_problem(name, value)
 
 
 def to_conditioning(features: torch.Tensor, mask: torch.Tensor) -> list:
