@@ -3,9 +3,11 @@
 * The suite-wide guard (``tests/netguard.py``, installed by ``tests/conftest.py``) refuses any
   non-loopback connection; these tests prove it refuses and that the pack imports and generates
   a video under it.
-* A static scan: no ``eval``/``exec``/pickle/``torch.load``/subprocess/run-time ``pip`` in the
-  pack's Python (AST) and no ``eval``/``new Function`` in its JavaScript; ruff's bandit rules
-  (``S``) are selected and the test command runs ruff.
+* A static scan (a tripwire: it reads names, see ``code_execution_problems``): no
+  ``eval``/``exec``/pickle/``torch.load``/subprocess/ctypes/dynamic import/run-time ``pip`` in the
+  pack's Python (AST) except the uses listed with their reason in ``ALLOWED``, and no
+  ``eval``/``new Function`` in its JavaScript; ruff's bandit rules (``S``) are selected and the
+  test command runs ruff.
 """
 
 from __future__ import annotations
@@ -105,11 +107,35 @@ def test_the_pack_imports_and_generates_without_the_network(tmp_path):
 # -- static: no code execution ------------------------------------------------------------
 
 FORBIDDEN_CALLS = {"eval", "exec", "compile", "__import__", "execfile"}
+#: Modules that run code or programs, unpickle, or call into native libraries.
 FORBIDDEN_MODULES = {"pickle", "cPickle", "_pickle", "dill", "marshal", "shelve", "joblib",
-                     "subprocess", "pip", "ensurepip", "cloudpickle"}
+                     "subprocess", "pip", "ensurepip", "cloudpickle", "ctypes", "cffi", "runpy",
+                     "code", "codeop", "pty", "builtins"}
 FORBIDDEN_ATTRS = {("torch", "load"), ("jit", "load"), ("os", "system"), ("os", "popen"),
                    ("pickle", "load"), ("pickle", "loads"), ("np", "load"), ("numpy", "load")}
+#: Attribute names that, fetched by string (``getattr(os, "system")``), reach the same things.
+FORBIDDEN_ATTR_NAMES = {"system", "popen", "load", "loads", "execv", "execve", "execvp",
+                        "spawnv", "spawnl", "posix_spawn", "fork", "CDLL", "LoadLibrary",
+                        "__import__", "eval", "exec", "compile", "__builtins__"}
+#: Calls that import a module named at run time.
+DYNAMIC_IMPORTS = {("importlib", "import_module"), ("importlib", "__import__")}
+#: Calls that load and run code from a file path.
+FILE_LOADERS = {"spec_from_file_location", "SourceFileLoader", "exec_module", "run_path"}
 PIP = re.compile(r"\bpip3?\s+install\b|-m\s+pip\b")
+
+#: The uses the scan finds in the pack on purpose, by (file, problem) with the reason. A use that
+#: is not listed fails the test; a listed one that is no longer found fails it too, so the list
+#: cannot go stale.
+ALLOWED = {
+    ("nodes/_shared.py", "import ctypes"):
+        "loads the C library by its fixed name libc.so.6 to call malloc_trim",
+    ("mochi_core/attention.py", "importlib.import_module(<run-time name>)"):
+        "imports the optional attention packages, named in a constant table",
+    ("__init__.py", "spec_from_file_location() loads code from a file"):
+        "finds the pack's own mochi_core in the pack's folder",
+    ("__init__.py", "exec_module() loads code from a file"):
+        "runs the pack's own mochi_core/__init__.py",
+}
 
 
 def _dotted(node: ast.AST) -> tuple[str, str] | None:
@@ -120,6 +146,31 @@ def _dotted(node: ast.AST) -> tuple[str, str] | None:
     return None
 
 
+def _constant_str(node: ast.AST) -> str | None:
+    return node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) else None
+
+
+def _dynamic_import_problem(node: ast.Call, pair: tuple[str, str] | None) -> str | None:
+    """``importlib.import_module(name)``: a forbidden module by name, or any run-time name."""
+    is_import = pair in DYNAMIC_IMPORTS or (isinstance(node.func, ast.Name)
+                                            and node.func.id == "import_module")
+    if not is_import:
+        return None
+    label = f"{pair[0]}.{pair[1]}" if pair else "import_module"
+    name = _constant_str(node.args[0]) if node.args else None
+    if name is None:
+        return f"{label}(<run-time name>)"
+    return f"{label}({name!r})" if name.split(".")[0] in FORBIDDEN_MODULES else None
+
+
+def _getattr_problem(node: ast.Call) -> str | None:
+    """``getattr(x, "system")`` and friends: a forbidden attribute fetched by its name."""
+    if not (isinstance(node.func, ast.Name) and node.func.id in ("getattr", "setattr")):
+        return None
+    name = _constant_str(node.args[1]) if len(node.args) > 1 else None
+    return f"{node.func.id}(..., {name!r})" if name in FORBIDDEN_ATTR_NAMES else None
+
+
 def _call_problem(node: ast.Call) -> str | None:
     func = node.func
     if isinstance(func, ast.Name) and func.id in FORBIDDEN_CALLS:
@@ -127,28 +178,41 @@ def _call_problem(node: ast.Call) -> str | None:
     pair = _dotted(func)
     if pair in FORBIDDEN_ATTRS:
         return f"{pair[0]}.{pair[1]}()"
-    if pair and pair[0] == "os" and pair[1].startswith(("exec", "spawn")):
+    if pair and pair[0] == "os" and pair[1].startswith(("exec", "spawn", "posix_spawn", "fork")):
         return f"os.{pair[1]}()"
+    if pair and pair[1] in FILE_LOADERS:
+        return f"{pair[1]}() loads code from a file"
+    return _dynamic_import_problem(node, pair) or _getattr_problem(node)
+
+
+def _node_problem(node: ast.AST) -> str | None:
+    if isinstance(node, ast.Call):
+        return _call_problem(node)
+    if isinstance(node, ast.Import):
+        names = [a.name for a in node.names if a.name.split(".")[0] in FORBIDDEN_MODULES]
+        return f"import {names[0]}" if names else None
+    if isinstance(node, ast.ImportFrom) and node.module:
+        root = node.module.split(".")[0]
+        return f"from {node.module} import" if root in FORBIDDEN_MODULES else None
+    if isinstance(node, ast.Name) and node.id == "__builtins__":
+        return "__builtins__"
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return "a pip command" if PIP.search(node.value) else None
     return None
 
 
-def code_execution_problems(source: str, filename: str = "<probe>") -> list[str]:
-    """Every eval/exec/pickle/torch.load/subprocess/pip use in a Python source, as text."""
+def code_execution_problems(source: str, filename: str = "<probe>") -> list[tuple[str, int, str]]:
+    """Every eval/exec/pickle/torch.load/subprocess/ctypes/dynamic-import/pip use in a Python
+    source, as ``(filename, line, problem)``.
+
+    A tripwire, not a proof: it reads names, so code built to hide (an alias assigned through
+    several variables, a name assembled from pieces) can pass it. Its job is to make every such
+    use in the pack deliberate and listed in :data:`ALLOWED`.
+    """
     found = []
     for node in ast.walk(ast.parse(source, filename=filename)):
-        problem = None
-        if isinstance(node, ast.Call):
-            problem = _call_problem(node)
-        elif isinstance(node, ast.Import):
-            names = [a.name for a in node.names if a.name.split(".")[0] in FORBIDDEN_MODULES]
-            problem = f"import {names[0]}" if names else None
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            root = node.module.split(".")[0]
-            problem = f"from {node.module} import" if root in FORBIDDEN_MODULES else None
-        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
-            problem = "a pip command" if PIP.search(node.value) else None
-        if problem:
-            found.append(f"{filename}:{getattr(node, 'lineno', '?')}: {problem}")
+        if problem := _node_problem(node):
+            found.append((filename, getattr(node, "lineno", 0), problem))
     return found
 
 
@@ -161,13 +225,24 @@ def pack_python_files() -> list[Path]:
     return files
 
 
+def _pack_problems() -> list[tuple[str, int, str]]:
+    return [p for f in pack_python_files()
+            for p in code_execution_problems(f.read_text(), f.relative_to(ROOT).as_posix())]
+
+
 def test_no_code_execution_in_the_pack():
     files = pack_python_files()
     assert len(files) > 20
     assert {ROOT / "nodes" / "loaders.py", ROOT / "mochi_core" / "checkpoints.py"} <= set(files)
-    problems = [p for f in files
-                for p in code_execution_problems(f.read_text(), str(f.relative_to(ROOT)))]
+    problems = [f"{f}:{line}: {what}" for f, line, what in _pack_problems()
+                if (f, what) not in ALLOWED]
     assert problems == []
+
+
+def test_every_allowed_use_is_still_there():
+    """An entry of ALLOWED that matches nothing is stale: it goes, or it could cover a new use."""
+    found = {(f, what) for f, _, what in _pack_problems()}
+    assert set(ALLOWED) <= found, set(ALLOWED) - found
 
 
 @pytest.mark.parametrize("source", [
@@ -176,6 +251,11 @@ def test_no_code_execution_in_the_pack():
     "torch.load(path)", "model = torch.jit.load(p)", "os.system('ls')", "os.execv(a, b)",
     "np.load(f, allow_pickle=True)", "cmd = 'pip install evil'", "import dill", "import marshal",
     "args = [sys.executable, '-m pip']",
+    "import ctypes", "from ctypes import CDLL", "import runpy", "import builtins",
+    "importlib.import_module('subprocess')", "importlib.import_module(name)",
+    "import_module('pickle')", "getattr(os, 'system')('ls')", "getattr(m, 'CDLL')",
+    "f = __builtins__['eval']", "os.posix_spawn(p, a, e)", "os.fork()",
+    "spec = importlib.util.spec_from_file_location(n, path)", "spec.loader.exec_module(m)",
 ])  # fmt: skip
 def test_the_scan_sees_each_forbidden_use(source):
     assert code_execution_problems(source), source
