@@ -18,15 +18,23 @@ from pathlib import Path
 
 import torch
 
+from .sampling import MAX_SEED, sample
 from .sampling import Callback as SampleCallback
-from .sampling import sample
 from .schedule import DEFAULT_THRESHOLD_NOISE, linear_quadratic_schedule
-from .text import T5Conditioner, TextConditioning
+from .text import T5Conditioner, TextConditioning, prompt_problem
 from .tiled_sampling import TileOptions
 
 log = logging.getLogger(__name__)
 
 DecodeCallback = Callable[[int, int], None]
+
+#: The ranges of a generation, shared by the CLI and (the same numbers) the sampler and save
+#: nodes: sides in pixels (multiples of 16), frames (6k+1), steps, guidance, the file's frame rate.
+MIN_SIZE, MAX_SIZE = 16, 4096
+MIN_FRAMES, MAX_FRAMES = 7, 6 * 60 + 1
+MAX_STEPS = 1000
+MAX_CFG = 30.0
+MIN_FPS, MAX_FPS = 1.0, 60.0
 
 
 @dataclass(frozen=True)
@@ -47,23 +55,36 @@ class GenerationSettings:
     def problems(self) -> dict[str, str]:
         """Invalid settings, ``{name: message}`` (empty when everything is valid)."""
         out = {}
+        for name in ("prompt", "negative_prompt"):
+            if problem := prompt_problem(name, getattr(self, name)):
+                out[name] = problem.removeprefix(f"{name} ")
         for name in ("width", "height"):
             value = getattr(self, name)
-            if value < 16 or value % 16:
-                out[name] = f"must be a positive multiple of 16 (e.g. 848×480), got {value}"
-        if self.frames < 1 or (self.frames - 1) % 6:
-            k = max(0, (self.frames - 1) // 6)
-            out["frames"] = (f"must be 6k+1 (1, 7, 13, …, 163), got {self.frames}; nearest: "
-                             f"{6 * k + 1} or {6 * k + 7}")  # fmt: skip
-        if self.steps < 1:
-            out["steps"] = f"must be >= 1, got {self.steps}"
-        if not self.cfg >= 0:
-            out["cfg"] = f"must be >= 0 (1 disables guidance), got {self.cfg}"
-        if not 0 <= self.seed < 2**63:
-            out["seed"] = f"must be in 0 .. 2**63 - 1, got {self.seed}"
+            if not _is_int(value) or not MIN_SIZE <= value <= MAX_SIZE or value % 16:
+                out[name] = (f"must be a positive multiple of 16 up to {MAX_SIZE} (e.g. 848×480), "
+                             f"got {value}")
+        out |= self._frame_problems()
+        if not _is_int(self.steps) or not 1 <= self.steps <= MAX_STEPS:
+            out["steps"] = f"must be an integer from 1 to {MAX_STEPS}, got {self.steps}"
+        if not 0 <= self.cfg <= MAX_CFG:  # also refuses NaN
+            out["cfg"] = f"must be from 0 to {MAX_CFG:g} (1 disables guidance), got {self.cfg}"
+        if not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED:
+            out["seed"] = f"must be an integer from 0 to {MAX_SEED} (2**64 - 1), got {self.seed}"
         if not 0 < self.threshold_noise < 1:
             out["threshold_noise"] = f"must be in (0, 1), got {self.threshold_noise}"
         return out
+
+    def _frame_problems(self) -> dict[str, str]:
+        """``frames`` must be 6k+1 within the range; the message names the nearest values."""
+        frames = self.frames
+        if _is_int(frames) and MIN_FRAMES <= frames <= MAX_FRAMES and (frames - 1) % 6 == 0:
+            return {}
+        if not _is_int(frames):
+            return {"frames": f"must be an integer 6k+1 from {MIN_FRAMES} to {MAX_FRAMES}, "
+                              f"got {frames!r}"}  # fmt: skip
+        k = min(max(1, (frames - 1) // 6), (MAX_FRAMES - 1) // 6 - 1)
+        return {"frames": f"must be 6k+1 from {MIN_FRAMES} to {MAX_FRAMES} (7, 13, …, 163, …), "
+                          f"got {frames}; nearest: {6 * k + 1} or {6 * k + 7}"}  # fmt: skip
 
     def validate(self) -> None:
         """Raise ``ValueError`` listing every invalid setting."""
@@ -74,6 +95,10 @@ class GenerationSettings:
     def latent_shape(self) -> tuple[int, int, int, int, int]:
         """``(1, 12, T, h, w)``: 6k+1 frames → k+1 latent frames, ÷8 spatially."""
         return (1, 12, (self.frames - 1) // 6 + 1, self.height // 8, self.width // 8)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
