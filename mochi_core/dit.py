@@ -226,8 +226,9 @@ def apply_rope(t: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
 
 
 class _KeepsFp32(nn.Module):
-    """A module whose own parameters named in ``_fp32_params`` load as fp32 whatever the
-    checkpoint dtype, also with ``load_state_dict(..., assign=True)``."""
+    """A module whose parameters named in ``_fp32_params`` (relative names, its own or its
+    children's) load as fp32 whatever the checkpoint dtype, also with
+    ``load_state_dict(..., assign=True)``."""
 
     _fp32_params: tuple[str, ...] = ()
 
@@ -302,26 +303,17 @@ class AttentionPool(nn.Module):
         return self.to_out(rearrange(pooled, "b h s d -> b (s h d)"))
 
 
-class QKNorm(_KeepsFp32):
-    """Per-head RMSNorm with an fp32 learned weight (eps 1e-5), optionally followed by RoPE."""
-
-    _fp32_params = ("weight",)
-
-    def __init__(self, head_dim: int, device) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(head_dim, dtype=torch.float32, device=device))
-
-    def forward(
-        self, t: torch.Tensor, rotation: torch.Tensor | None, out: torch.Tensor
-    ) -> torch.Tensor:
-        """Normalize (and rotate) t (B, S, heads, D) in fp32 and write it into ``out`` (same
-        shape, its own dtype, e.g. a slice of the joint q buffer); returns ``out``."""
-        weight = self.weight.to(device=t.device, dtype=torch.float32)
-        t32 = t.float()
-        normed = (t32 * inv_rms(t32, QK_NORM_EPS)).mul_(weight)  # new, contiguous
-        if rotation is not None:
-            normed = apply_rope(normed, rotation)
-        return out.copy_(normed)
+def qk_norm_(
+    t: torch.Tensor, weight: torch.Tensor, rotation: torch.Tensor | None, out: torch.Tensor
+) -> torch.Tensor:
+    """Per-head RMSNorm (eps 1e-5) with an fp32 ``weight`` (D,), then RoPE when ``rotation`` is
+    given, computed in fp32 on t (B, S, heads, D) and written into ``out`` (same shape, its own
+    dtype, e.g. a slice of the joint q buffer); returns ``out``."""
+    t32 = t.float()
+    normed = (t32 * inv_rms(t32, QK_NORM_EPS)).mul_(weight)  # new, contiguous
+    if rotation is not None:
+        normed = apply_rope(normed, rotation)
+    return out.copy_(normed)
 
 
 class FeedForward(nn.Module):
@@ -338,8 +330,14 @@ class FeedForward(nn.Module):
         return self.w2(F.silu(a).mul_(b))
 
 
-class AsymmetricAttention(nn.Module):
-    """Joint attention over [visual tokens, text tokens] with separate projections per stream."""
+class AsymmetricAttention(_KeepsFp32):
+    """Joint attention over [visual tokens, text tokens] with separate projections per stream.
+
+    The QK-norm weights (``q_norm_x.weight``, ...) are fp32 tensors held by
+    :class:`~mochi_core.ops.Weight` modules and applied by :func:`qk_norm_`.
+    """
+
+    _fp32_params = ("q_norm_x.weight", "k_norm_x.weight", "q_norm_y.weight", "k_norm_y.weight")
 
     def __init__(self, config: DiTConfig, update_y: bool, operations, device, dtype) -> None:
         super().__init__()
@@ -347,10 +345,12 @@ class AsymmetricAttention(nn.Module):
         self.num_heads = config.num_heads
         self.qkv_x = operations.Linear(dx, 3 * dx, bias=False, **kw)
         self.qkv_y = operations.Linear(dy, 3 * dx, bias=False, **kw)
-        self.q_norm_x = QKNorm(config.head_dim, device)
-        self.k_norm_x = QKNorm(config.head_dim, device)
-        self.q_norm_y = QKNorm(config.head_dim, device)
-        self.k_norm_y = QKNorm(config.head_dim, device)
+        norm = ops.weight_factory(operations)
+        shape, fp32 = (config.head_dim,), torch.float32
+        self.q_norm_x = norm(shape, device=device, dtype=fp32)
+        self.k_norm_x = norm(shape, device=device, dtype=fp32)
+        self.q_norm_y = norm(shape, device=device, dtype=fp32)
+        self.k_norm_y = norm(shape, device=device, dtype=fp32)
         self.proj_x = operations.Linear(dx, dx, bias=True, **kw)
         self.proj_y = operations.Linear(dx, dy, bias=True, **kw) if update_y else nn.Identity()
 
@@ -374,10 +374,11 @@ class AsymmetricAttention(nn.Module):
         # normed halves need no concatenation; heads-first views of them go to the backend.
         S = N + qkv_y.shape[1]
         q, k, v = x.new_empty(3, B, S, *qkv_x.shape[-2:]).unbind(0)  # (B, S, heads, D) each
-        self.q_norm_x(qkv_x[:, :, 0], rotation, q[:, :N])
-        self.q_norm_y(qkv_y[:, :, 0], None, q[:, N:])
-        self.k_norm_x(qkv_x[:, :, 1], rotation, k[:, :N])
-        self.k_norm_y(qkv_y[:, :, 1], None, k[:, N:])
+        fp32 = torch.float32
+        qk_norm_(qkv_x[:, :, 0], self.q_norm_x(x.device, fp32), rotation, q[:, :N])
+        qk_norm_(qkv_y[:, :, 0], self.q_norm_y(x.device, fp32), None, q[:, N:])
+        qk_norm_(qkv_x[:, :, 1], self.k_norm_x(x.device, fp32), rotation, k[:, :N])
+        qk_norm_(qkv_y[:, :, 1], self.k_norm_y(x.device, fp32), None, k[:, N:])
         v[:, :N], v[:, N:] = qkv_x[:, :, 2], qkv_y[:, :, 2]
         del qkv_x, qkv_y
         out = attend(attention, *(t.transpose(1, 2) for t in (q, k, v)), valid)
@@ -478,8 +479,30 @@ def text_lengths(y_mask: torch.Tensor) -> torch.Tensor:
     return lengths
 
 
+_ROPE_KEY = "pos_frequencies"
+
+
+def _genmo_rope_key(
+    module: nn.Module, state_dict: dict[str, torch.Tensor], prefix: str, local_metadata: object
+) -> None:
+    """State-dict post-hook of :class:`AsymmDiT`: ``rope.weight`` is saved as Genmo's
+    ``pos_frequencies``, in the same place of the key order."""
+    items = [(prefix + _ROPE_KEY if k == prefix + "rope.weight" else k, v)
+             for k, v in state_dict.items()]
+    state_dict.clear()
+    state_dict.update(items)
+
+
 class AsymmDiT(_KeepsFp32):
     """The Mochi 1 AsymmDiT (Genmo's ``AsymmDiTJoint``), Genmo checkpoint key names.
+
+    The RoPE frequencies, Genmo's ``pos_frequencies`` (3, heads, head_dim/2), are held by a leaf
+    module, ``rope`` (a :class:`~mochi_core.ops.Weight`), so that a host that places and
+    casts leaf modules (ComfyUI's partial loading) reaches them; a tensor of the root module
+    would be left behind. The checkpoint key stays ``pos_frequencies``: ``state_dict()``
+    names it so and ``load_state_dict`` accepts it (the one conversion, in
+    :meth:`_load_from_state_dict` and :func:`_genmo_rope_key`), and ``model.pos_frequencies``
+    is the tensor.
 
     Args:
         config: hyper-parameters, e.g. ``DiTConfig.from_state_dict(sd)``.
@@ -491,7 +514,7 @@ class AsymmDiT(_KeepsFp32):
             (their dtype when fp32/bf16/fp16, bf16 otherwise).
     """
 
-    _fp32_params = ("pos_frequencies",)
+    _fp32_params = ("rope.weight",)
 
     def __init__(
         self,
@@ -509,9 +532,9 @@ class AsymmDiT(_KeepsFp32):
         self.compute_dtype = compute_dtype
         args = (operations, device, dtype)
         c = config
-        self.pos_frequencies = nn.Parameter(
-            torch.zeros(3, c.num_heads, c.head_dim // 2, dtype=torch.float32, device=device)
-        )
+        self.rope = ops.weight_factory(operations)(
+            (3, c.num_heads, c.head_dim // 2), device=device, dtype=torch.float32)
+        self.register_state_dict_post_hook(_genmo_rope_key)
         self.x_embedder = PatchEmbed(c, *args)
         self.t_embedder = TimestepEmbedder(c, *args)
         self.t5_y_embedder = AttentionPool(c, *args)
@@ -521,6 +544,18 @@ class AsymmDiT(_KeepsFp32):
             AsymmetricJointBlock(c, i < c.depth - 1, *args) for i in range(c.depth)
         )
         self.final_layer = FinalLayer(c, *args)
+
+    @property
+    def pos_frequencies(self) -> torch.Tensor:
+        """Genmo's ``pos_frequencies`` (3, heads, head_dim/2), fp32: the weight of ``rope``."""
+        return self.rope.weight
+
+    def _load_from_state_dict(
+        self, state_dict: dict[str, torch.Tensor], prefix: str, *args: object, **kwargs: object
+    ) -> None:
+        if prefix + _ROPE_KEY in state_dict:  # Genmo's key -> the tensor of the leaf module
+            state_dict[prefix + "rope.weight"] = state_dict.pop(prefix + _ROPE_KEY)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def resolved_compute_dtype(self) -> torch.dtype:
         """``compute_dtype`` if set, else the dtype of the stored block Linear weights (the bulk
@@ -575,7 +610,7 @@ class AsymmDiT(_KeepsFp32):
         if rope_pos is None:
             rope_pos = rope_positions(T, H // p, W // p, device=x.device)
         assert rope_pos.shape == (N, 3), f"rope_pos must be ({N}, 3), got {tuple(rope_pos.shape)}"
-        rotation = rope_rotation(self.pos_frequencies, rope_pos.to(x.device))
+        rotation = rope_rotation(self.rope(x.device, torch.float32), rope_pos.to(x.device))
         valid = None
         if not bool((lengths == L).all()):
             valid = F.pad(y_mask, (N, 0), value=True)  # (B, N + L)

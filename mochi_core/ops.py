@@ -5,6 +5,9 @@ layers through it (``operations.Linear(...)``, ``operations.Conv3d(...)``, ...).
 application can pass its own namespace (for example one that offloads or quantises), and the
 models never import the host.
 
+Besides the layers, a namespace may provide ``Weight`` (:class:`Weight`): a module that only
+holds a tensor the model uses in its own math, so that the host can place and cast it too.
+
 The default namespace, :data:`cast`, stores weights in whatever dtype they were loaded in
 (fp32, bf16, fp16 or fp8) and casts them to the dtype and device of the input at compute time,
 layer by layer. A Linear loaded from a "scaled fp8" checkpoint also carries ``scale_weight``, a
@@ -69,7 +72,31 @@ class LayerNorm(nn.LayerNorm):
         )
 
 
+class Weight(nn.Module):
+    """A module that holds one learned tensor, ``weight``, used by its owner's own math (the
+    QK-norm scales, the RoPE frequencies) rather than by a layer.
+
+    Keeping such a tensor in a leaf module of its own, made through ``operations``, lets a host
+    place, offload and cast it like any layer weight. ``weight(device, dtype)`` returns it on
+    ``device`` in ``dtype`` (no copy when it already is).
+    """
+
+    def __init__(self, shape: tuple[int, ...], device=None, dtype=None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
+
+    def forward(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        return self.weight.to(device=device, dtype=dtype)
+
+
 #: The default operations: weights stay in their stored dtype and are cast at compute time.
 cast = SimpleNamespace(
-    Linear=Linear, Conv2d=Conv2d, Conv3d=Conv3d, GroupNorm=GroupNorm, LayerNorm=LayerNorm
+    Linear=Linear, Conv2d=Conv2d, Conv3d=Conv3d, GroupNorm=GroupNorm, LayerNorm=LayerNorm,
+    Weight=Weight,
 )
+
+
+def weight_factory(operations) -> type[nn.Module]:
+    """``operations.Weight``, or :class:`Weight` for a namespace that has none (e.g. a host's
+    own layer set, which knows only the usual layers)."""
+    return getattr(operations, "Weight", Weight)
