@@ -347,10 +347,10 @@ class AsymmetricAttention(_KeepsFp32):
         self.qkv_y = operations.Linear(dy, 3 * dx, bias=False, **kw)
         norm = ops.weight_factory(operations)
         shape, fp32 = (config.head_dim,), torch.float32
-        self.q_norm_x = norm(shape, device=device, dtype=fp32)
-        self.k_norm_x = norm(shape, device=device, dtype=fp32)
-        self.q_norm_y = norm(shape, device=device, dtype=fp32)
-        self.k_norm_y = norm(shape, device=device, dtype=fp32)
+        self.q_norm_x = norm(shape, device=device, dtype=fp32, fill=1.0)
+        self.k_norm_x = norm(shape, device=device, dtype=fp32, fill=1.0)
+        self.q_norm_y = norm(shape, device=device, dtype=fp32, fill=1.0)
+        self.k_norm_y = norm(shape, device=device, dtype=fp32, fill=1.0)
         self.proj_x = operations.Linear(dx, dx, bias=True, **kw)
         self.proj_y = operations.Linear(dx, dy, bias=True, **kw) if update_y else nn.Identity()
 
@@ -479,6 +479,12 @@ def text_lengths(y_mask: torch.Tensor) -> torch.Tensor:
     return lengths
 
 
+def compute_dtype_for(stored: torch.dtype | None) -> torch.dtype:
+    """The dtype the token streams compute in for block weights stored in ``stored``: the same
+    when fp32/bf16/fp16, bf16 for anything else (fp8, quantized)."""
+    return stored if stored in _FLOAT_COMPUTE else torch.bfloat16
+
+
 _ROPE_KEY = "pos_frequencies"
 
 
@@ -558,13 +564,12 @@ class AsymmDiT(_KeepsFp32):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def resolved_compute_dtype(self) -> torch.dtype:
-        """``compute_dtype`` if set, else the dtype of the stored block Linear weights (the bulk
-        of the model) when fp32/bf16/fp16, and bf16 for anything else (fp8, quantized)."""
+        """``compute_dtype`` if set, else :func:`compute_dtype_for` the stored block Linear
+        weights (the bulk of the model)."""
         if self.compute_dtype is not None:
             return self.compute_dtype
         layer = self.blocks[0].attn.qkv_x if len(self.blocks) else self.t5_yproj
-        stored = getattr(getattr(layer, "weight", None), "dtype", None)
-        return stored if stored in _FLOAT_COMPUTE else torch.bfloat16
+        return compute_dtype_for(getattr(getattr(layer, "weight", None), "dtype", None))
 
     def _conditioning(
         self, sigma: torch.Tensor, y_feat: torch.Tensor, y_mask: torch.Tensor, dtype: torch.dtype

@@ -78,12 +78,12 @@ class Weight(nn.Module):
 
     Keeping such a tensor in a leaf module of its own, made through ``operations``, lets a host
     place, offload and cast it like any layer weight. ``weight(device, dtype)`` returns it on
-    ``device`` in ``dtype`` (no copy when it already is).
+    ``device`` in ``dtype`` (no copy when it already is). It starts filled with ``fill``.
     """
 
-    def __init__(self, shape: tuple[int, ...], device=None, dtype=None) -> None:
+    def __init__(self, shape: tuple[int, ...], device=None, dtype=None, fill: float = 0.0) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
+        self.weight = nn.Parameter(torch.full(shape, fill, device=device, dtype=dtype))
 
     def forward(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         return self.weight.to(device=device, dtype=dtype)
