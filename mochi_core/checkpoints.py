@@ -43,6 +43,7 @@ __all__ = [
     "CheckpointError",
     "CheckpointSource",
     "DetectedFormat",
+    "LayerStorage",
     "MochiVAE",
     "detect_dit_format",
     "detect_file",
@@ -56,6 +57,7 @@ __all__ = [
     "load_t5_state_dict",
     "load_vae",
     "load_vae_state_dicts",
+    "layer_storage",
 ]
 
 COMFY_PREFIX = "model.diffusion_model."
@@ -637,8 +639,18 @@ def _config(cls: type, sd: Mapping[str, torch.Tensor], name: str, fmt: DetectedF
 
 
 def _prepare_scales(model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
-    """Give every Linear that has a ``scale_weight`` entry a (meta) buffer for it; a layer type
-    without that buffer (host operations) gets its weight dequantized to bf16 instead."""
+    """Fit the fp8 scales of ``sd`` to the layers of ``model`` (built on meta).
+
+    A Linear with a ``scale_weight`` *buffer* (:class:`mochi_core.ops.Linear`) that has an entry
+    gets a meta buffer for it; a layer with a ``scale_weight`` *parameter* (a host's scaled-fp8
+    layer, e.g. ComfyUI's) keeps its entry, and gets a scale of 1 where the file has none (its
+    weight is not fp8); any other layer type gets its weight dequantized to bf16 instead.
+    """
+    for name, module in model.named_modules():
+        for attr in ("scale_weight", "scale_input"):
+            key = f"{name}.{attr}" if name else attr
+            if module._parameters.get(attr) is not None and key not in sd:
+                sd[key] = torch.ones((), dtype=torch.float32)
     for key in [k for k in sd if k.endswith(".scale_weight")]:
         module_name = key[: -len(".scale_weight")]
         weight_key = module_name + ".weight"
@@ -646,6 +658,8 @@ def _prepare_scales(model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
             module = model.get_submodule(module_name)
         except AttributeError:
             continue  # reported by the key check
+        if "scale_weight" in module._parameters:
+            continue
         if "scale_weight" in module._buffers:
             module.scale_weight = torch.empty((), device="meta")
         elif weight_key in sd:
@@ -703,6 +717,37 @@ def load_dit_state_dict(
     return take_fp8_scales(sd, src.name), fmt, src.name
 
 
+@dataclass(frozen=True)
+class LayerStorage:
+    """How a DiT's layers are stored once loaded, for a host that picks its layer operations
+    from it (``load_dit(..., operations=choose)``).
+
+    Attributes:
+        weight_dtype: the dtype of every Linear/Conv weight, or None when they differ (e.g. fp8
+            block layers and bf16 embedders).
+        compute_dtype: the dtype the model computes in (:func:`mochi_core.dit.compute_dtype_for`).
+        scaled_fp8: the fp8 dtype of weights that carry a per-layer ``scale_weight``, or None.
+    """
+
+    weight_dtype: torch.dtype | None
+    compute_dtype: torch.dtype
+    scaled_fp8: torch.dtype | None
+
+
+def layer_storage(sd: Mapping[str, torch.Tensor]) -> LayerStorage:
+    """The :class:`LayerStorage` of a Genmo-keyed DiT state dict after the storage policy."""
+    from mochi_core.dit import compute_dtype_for  # noqa: PLC0415
+
+    layers = {k: v.dtype for k, v in sd.items()
+              if k.endswith(".weight") and v.dim() >= 2 and not _FP32_KEYS.fullmatch(k)}
+    dtypes = set(layers.values())
+    scaled = {layers[k[: -len("scale_weight")] + "weight"] for k in sd
+              if k.endswith(".scale_weight") and k[: -len("scale_weight")] + "weight" in layers}
+    block = layers.get("blocks.0.attn.qkv_x.weight", layers.get("t5_yproj.weight"))
+    return LayerStorage(dtypes.pop() if len(dtypes) == 1 else None, compute_dtype_for(block),
+                        next((d for d in scaled if d in ops.FP8_DTYPES), None))
+
+
 def load_dit(
     path: Path | str,
     *,
@@ -719,12 +764,18 @@ def load_dit(
     Norm weights and ``pos_frequencies`` are fp32 in every case. Layers cast per call to the
     input's dtype (``operations``). Errors name the file, its apparent format and the first bad
     keys.
+
+    ``operations`` is a namespace of layer factories, or a function that is given the
+    :class:`LayerStorage` of the loaded weights and returns one (a host choosing its own
+    casting layers for them, e.g. ComfyUI's ``comfy.ops.pick_operations``).
     """
     from mochi_core.dit import AsymmDiT, DiTConfig  # noqa: PLC0415  (dit imports are heavy)
 
     sd, fmt, name = load_dit_state_dict(path, device=device, dtype=dtype)
     config = _config(DiTConfig, sd, name, fmt)
     cast_dit_state_dict(sd, dtype)
+    if not hasattr(operations, "Linear"):
+        operations = operations(layer_storage(sd))
     model = AsymmDiT(config, operations=operations, device="meta", attention=attention)
     _prepare_scales(model, sd)
     return load_into(model, sd, name, fmt)
