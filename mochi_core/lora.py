@@ -48,6 +48,7 @@ class LoRALayer:
     down: torch.Tensor  # lora_A, (r, in)
     up: torch.Tensor  # lora_B, (out, r)
     scale: float = 1.0
+    alpha: float | None = None  # the α of ``scale = α / r``; None when the scale is 1 by default
 
     @property
     def rank(self) -> int:
@@ -84,18 +85,20 @@ def _kwargs_from_metadata(metadata: Mapping[str, str]) -> dict:
     return {**kwargs, **nested} if isinstance(nested, dict) else kwargs
 
 
-def _scale_for(module: str, rank: int, kwargs: Mapping, alpha: torch.Tensor | None) -> float:
-    """α/r from a per-layer alpha, else from the metadata kwargs of the layer's group, else 1."""
+def _alpha_for(module: str, rank: int, kwargs: Mapping,
+               alpha: torch.Tensor | None) -> float | None:
+    """α from a per-layer alpha, else from the metadata kwargs of the layer's group, else None
+    (scale 1)."""
     if alpha is not None:
-        return float(alpha.float().reshape(())) / rank
+        return float(alpha.float().reshape(()))
     group = _KWARG_GROUPS.get(module.rsplit(".", 1)[-1])
     value = kwargs.get(f"{group}_lora_alpha") if group else None
     if value is None:
-        return 1.0
+        return None
     stated = kwargs.get(f"{group}_lora_rank")
     if stated is not None and int(stated) != rank:
         log.warning("%s: metadata rank %s but tensors have rank %d", module, stated, rank)
-    return float(value) / rank
+    return float(value)
 
 
 def _strip(key: str) -> str:
@@ -133,8 +136,9 @@ def lora_from_state_dict(
         if down.dim() != 2 or up.dim() != 2 or up.shape[1] != down.shape[0]:
             raise CheckpointError(f"{name}: {module} has lora_A {tuple(down.shape)} and lora_B "
                                   f"{tuple(up.shape)}; expected (r, in) and (out, r)")
-        scale = _scale_for(module, down.shape[0], kwargs, sd.get(f"{module}.alpha"))
-        layers[module] = LoRALayer(down, up, scale)
+        alpha = _alpha_for(module, down.shape[0], kwargs, sd.get(f"{module}.alpha"))
+        scale = 1.0 if alpha is None else alpha / down.shape[0]
+        layers[module] = LoRALayer(down, up, scale, alpha)
     return LoRAWeights(layers, name, dict(metadata or {}))
 
 
@@ -192,7 +196,7 @@ class LoRAHandle:
         self.remove()
 
 
-def _check_fits(model: nn.Module, lora: LoRAWeights) -> None:
+def check_fits(model: nn.Module, lora: LoRAWeights) -> None:
     """Every LoRA layer must name a Linear of the model with matching (out, in)."""
     modules = dict(model.named_modules())
     unmatched, wrong = [], []
@@ -227,7 +231,7 @@ def apply_lora(model: nn.Module, lora: LoRAWeights, strength: float = 1.0) -> Lo
 
     Nothing is modified if any LoRA layer does not fit the model.
     """
-    _check_fits(model, lora)
+    check_fits(model, lora)
     patches: dict[str, _Patch] = {}
     with torch.no_grad():
         for name, layer in lora.layers.items():
