@@ -284,6 +284,10 @@ def _decoder_peak(config: DecoderConfig, latent: tuple[int, int, int, int], chun
     return tracker.peak
 
 
+#: Frames per step of the conversion of decoded pixels to images (``vae_tiling.to_images``).
+IMAGE_CHUNK_FRAMES = 8
+
+
 @dataclass(frozen=True)
 class DecodeJob:
     """What decides the decoder's memory."""
@@ -306,14 +310,23 @@ class DecodeJob:
         B, _, T, h, w = self.latent_shape
         return 4 * B * self.config.out_channels * decoded_frames(T) * h * w * 64
 
+    def image_chunk_bytes(self) -> int:
+        """What converting the output to images leaves on the device: one fp32 chunk of
+        :data:`IMAGE_CHUNK_FRAMES` frames (see :func:`mochi_core.vae_tiling.to_images`)."""
+        B, _, T, h, w = self.latent_shape
+        frames = min(IMAGE_CHUNK_FRAMES, B * decoded_frames(T))
+        return 4 * self.config.out_channels * frames * h * w * 64
+
     def need(self) -> int:
         B, _, T, h, w = self.latent_shape
         chunk = min(self.frames_per_chunk or T, T)
         th, tw = (h, w) if self.tile is None else (min(self.tile, h), min(self.tile, w))
         work = _decoder_peak(self.config, (B, T, th, tw), chunk, self.dtype)
         tile_out = B * self.config.out_channels * decoded_frames(chunk) * th * tw * 64
-        # the output, the blending weights (fp32, one per pixel) and one weighted chunk
-        return work + self.output_bytes() + 4 * (h * w * 64 + tile_out)
+        # the output, the blending weights (fp32, one per pixel) and one weighted chunk; after
+        # the decode, the image conversion needs one chunk of frames next to the output
+        blend = 4 * (h * w * 64 + tile_out)
+        return self.output_bytes() + max(work + blend, self.image_chunk_bytes())
 
 
 def fitting_decode(job: DecodeJob, available: int) -> DecodeJob | None:

@@ -38,6 +38,7 @@ import logging
 from collections.abc import Callable, Iterator
 
 import torch
+from einops import rearrange
 from torch import nn
 
 from . import memory
@@ -251,6 +252,27 @@ def decode(
         pixels = _with_oom_retry(attempt, frames_per_chunk or t, tile_size, grid, z_vae.device)
     check_vae_output(pixels, "decoder output", z_vae.dtype)
     return pixels
+
+
+def to_images(pixels: torch.Tensor, device: torch.device | str,
+              frames_per_chunk: int = memory.IMAGE_CHUNK_FRAMES) -> torch.Tensor:
+    """Decoder pixels ``B × 3 × F × H × W`` in [−1, 1] → images ``(B·F) × H × W × 3`` fp32 in
+    [0, 1] on ``device`` (the host's IMAGE).
+
+    Chunk by chunk: ``frames_per_chunk`` frames at a time are copied into the output on
+    ``device`` and converted there in place, so the pixels' device holds at most one chunk
+    besides the pixels (counted by :meth:`memory.DecodeJob.image_chunk_bytes`), and an
+    out-of-memory error cannot throw away a finished decode. The values are those of
+    ``((pixels.float() + 1) / 2).clamp(0, 1)``, bit for bit.
+    """
+    B, C, F, H, W = pixels.shape
+    frames = rearrange(pixels, "b c f h w -> (b f) h w c")  # a view
+    out = torch.empty(B * F, H, W, C, dtype=torch.float32, device=device)
+    for start in range(0, B * F, frames_per_chunk):
+        chunk = out[start:start + frames_per_chunk]
+        chunk.copy_(frames[start:start + frames_per_chunk])
+        chunk.add_(1.0).div_(2.0).clamp_(0.0, 1.0)
+    return out
 
 
 def encode(
