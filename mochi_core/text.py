@@ -94,6 +94,18 @@ class TextConditioning:
         if m.dtype != torch.bool:
             raise ValueError(f"TextConditioning mask must be bool, got {m.dtype}")
 
+    @classmethod
+    def packed(cls, features: torch.Tensor, mask: torch.Tensor) -> TextConditioning:
+        """Conditioning whose real tokens are moved, in order, to the front of each row, so
+        that any ``mask`` (e.g. two prompts joined, each with its padding) becomes a right-padded
+        prefix. The DiT gives text tokens no positions, so the result means the same; a mask
+        that already is a prefix is kept as it is (no copy)."""
+        order = torch.argsort((~mask).to(torch.uint8), dim=1, stable=True)
+        if bool((order == torch.arange(mask.shape[1], device=mask.device)).all()):
+            return cls(features, mask)
+        rows = order.unsqueeze(-1).expand(-1, -1, features.shape[-1])
+        return cls(torch.gather(features, 1, rows), torch.gather(mask, 1, order))
+
     @property
     def batch_size(self) -> int:
         return self.features.shape[0]

@@ -16,7 +16,12 @@ def prompt_error(name: str, value: str | None) -> str | None:
 
 
 def to_conditioning(features: torch.Tensor, mask: torch.Tensor) -> list:
-    """Host CONDITIONING: ``[[B × L × 4096 features, {"attention_mask": B × L}]]``."""
+    """Host CONDITIONING: ``[[B × L × 4096 features, {"attention_mask": B × L}]]``.
+
+    The padded rows are zeroed (the DiT never reads them), so that they still read as padding
+    after the host's ConditioningConcat, which keeps only the first conditioning's mask.
+    """
+    features = features.masked_fill(~mask.to(features.device).bool().unsqueeze(-1), 0.0)
     return [[features, {"attention_mask": mask.to(torch.int64)}]]
 
 

@@ -2,16 +2,15 @@
 
 Files come from the host's own model folders (``diffusion_models``, ``vae``, ``text_encoders``,
 ``loras``), so the files of the native Mochi workflow are picked up where they already are.
-Models are wrapped in the host's ``ModelPatcher``: the host loads them to the GPU when a node
-asks for them, offloads them afterwards and frees them on "unload models".
+Models are wrapped in the host's ``ModelPatcher`` with the host's devices, layers and patches
+(:mod:`.managed`): the host loads them (whole or partly) when a node asks for them, offloads
+them afterwards and frees them on "unload models".
 """
 
 from __future__ import annotations
 
 import os
 
-import comfy.model_management as mm
-import comfy.model_patcher
 import folder_paths
 import torch
 from comfy_api.latest import io, ui
@@ -19,6 +18,7 @@ from comfy_api.latest import io, ui
 from mochi_core import checkpoints, lora, text
 from mochi_core.compile import compile_blocks
 
+from . import managed
 from ._shared import (
     CATEGORY,
     NONE,
@@ -38,7 +38,7 @@ DTYPES = {"default": None, "fp32": torch.float32, "bf16": torch.bfloat16,
           "fp16": torch.float16, "fp8_e4m3fn": getattr(torch, "float8_e4m3fn", None)}
 DIT_DTYPES = ["default", "bf16", "fp8_e4m3fn", "fp32"]
 VAE_DTYPES = ["fp32", "bf16", "fp16"]
-T5_DTYPES = ["fp32", "bf16"]
+T5_DTYPES = ["default", "fp32", "bf16"]
 ATTENTION = ["sdpa", "flash", "sage"]
 COMPILE = ["off", "inductor"]
 LORA_SLOTS = 2
@@ -47,27 +47,6 @@ LORA_SLOTS = 2
 def _files(folder: str, with_none: bool = False) -> list[str]:
     names = folder_paths.get_filename_list(folder)
     return [NONE, *names] if with_none else names
-
-
-class Managed(torch.nn.Module):
-    """A container the host's ``ModelPatcher`` can manage (it sets ``.device`` on its model,
-    which some modules, e.g. transformers' T5, do not allow); the model is ``.module``."""
-
-    def __init__(self, module: torch.nn.Module) -> None:
-        super().__init__()
-        self.module = module
-
-
-def _managed(model, name: str):
-    """Put a module under the host's model management."""
-    patcher = comfy.model_patcher.ModelPatcher(
-        Managed(model),
-        load_device=mm.get_torch_device(),
-        offload_device=mm.unet_offload_device(),
-        size=mm.module_size(model),
-    )
-    patcher.mochi_name = name
-    return patcher
 
 
 def _t5_tokenizer_dir() -> str:
@@ -137,20 +116,28 @@ class DiTLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, dit_name, weight_dtype, attention, compile, **kwargs) -> io.NodeOutput:
-        model = checkpoints.load_dit(model_path("diffusion_models", dit_name),
-                                     dtype=DTYPES[weight_dtype], attention=attention)
-        applied = []
+        path = model_path("diffusion_models", dit_name)
+        key = managed.LastDiT.key(path, weight_dtype, attention, compile)
+        base = managed.LastDiT.get(key)
+        if base is None:
+            place = managed.dit_placement()
+            model = checkpoints.load_dit(
+                path, dtype=DTYPES[weight_dtype], attention=attention,
+                operations=managed.dit_operations(place.load_device))
+            if compile != "off":
+                compile_blocks(model, backend=compile)  # lazily, at the first sampling step
+            base = managed.managed(model, dit_name, place)
+            managed.LastDiT.put(key, base)
+        patcher, applied = base.clone(), []
         for i in range(1, LORA_SLOTS + 1):
             name, strength = kwargs.get(f"lora_{i}", NONE), kwargs.get(f"lora_{i}_strength", 1.0)
             if name != NONE and strength != 0:
-                lora.apply_lora(model, lora.load_lora(model_path("loras", name)), strength)
+                managed.add_lora(patcher, lora.load_lora(model_path("loras", name)), strength)
                 applied.append(f"{name} x{strength:g}")
-        if compile != "off":
-            compile_blocks(model, backend=compile)  # lazily, at the first sampling step
-        summary = f"{dit_name} ({model.config.depth} blocks); attention {attention}"
+        summary = f"{dit_name} ({base.model.module.config.depth} blocks); attention {attention}"
         summary += f"; compile {compile}" if compile != "off" else ""
         summary += f"; LoRA: {', '.join(applied)}" if applied else ""
-        return io.NodeOutput(_managed(model, dit_name), ui=ui.PreviewText(summary))
+        return io.NodeOutput(patcher, ui=ui.PreviewText(summary))
 
 
 class VAELoader(io.ComfyNode):
@@ -196,10 +183,12 @@ class VAELoader(io.ComfyNode):
         paths = [model_path("vae", vae_name)]
         if second_file != NONE:
             paths.append(model_path("vae", second_file))
-        vae = checkpoints.load_vae(paths, dtype=DTYPES[dtype])
+        vae = checkpoints.load_vae(paths, dtype=DTYPES[dtype],
+                                   operations=managed.VAE_OPERATIONS)
         summary = f"found: {' + '.join(vae.halves)} ({'; '.join(vae.sources)})"
-        return io.NodeOutput(vae.decoder and _managed(vae.decoder, vae_name),
-                             vae.encoder and _managed(vae.encoder, vae_name),
+        place = managed.vae_placement()
+        return io.NodeOutput(vae.decoder and managed.managed(vae.decoder, vae_name, place),
+                             vae.encoder and managed.managed(vae.encoder, vae_name, place),
                              ui=ui.PreviewText(summary))
 
 
@@ -216,9 +205,11 @@ class TextEncoderLoader(io.ComfyNode):
             inputs=[
                 io.Combo.Input("t5_name", options=_files("text_encoders"),
                                tooltip="T5-XXL encoder weights, e.g. t5xxl_fp16.safetensors."),
-                io.Combo.Input("dtype", options=T5_DTYPES, default="fp32",
-                               tooltip="Compute dtype: fp32 as the reference (fp16 overflows in "
-                                       "T5); bf16 halves the memory."),
+                io.Combo.Input("dtype", options=T5_DTYPES, default="default",
+                               tooltip="Compute dtype: 'default' is bf16 where the host runs "
+                                       "text encoders on the GPU (9.5 GB instead of 19) and fp32 "
+                                       "(the reference) where it runs them on the CPU, e.g. with "
+                                       "--lowvram; fp16 overflows in T5."),
             ],
             outputs=[MochiTextEncoder.Output(
                 display_name="text_encoder",
@@ -233,9 +224,12 @@ class TextEncoderLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, t5_name, dtype) -> io.NodeOutput:
+        place = managed.text_encoder_placement()
         conditioner = text.T5Conditioner.from_file(
-            model_path("text_encoders", t5_name), _t5_tokenizer_dir(), dtype=DTYPES[dtype])
-        return io.NodeOutput(ManagedText(conditioner, _managed(conditioner.encoder, t5_name)))
+            model_path("text_encoders", t5_name), _t5_tokenizer_dir(),
+            dtype=managed.text_encoder_dtype(DTYPES[dtype], place))
+        patcher = managed.managed(conditioner.encoder, t5_name, place, managed.WholeModelPatcher)
+        return io.NodeOutput(ManagedText(conditioner, patcher))
 
 
 NODES = [DiTLoader, VAELoader, TextEncoderLoader]

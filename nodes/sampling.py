@@ -51,13 +51,46 @@ def cfg_schedule_error(spec: str | None) -> str | None:
     return f"cfg_schedule values must be between 0 and 30; got {bad}" if bad else None
 
 
-def conditioning_to_text(cond: list) -> text.TextConditioning:
-    """Host CONDITIONING (ours or CLIPTextEncode's) → features and a boolean token mask."""
-    features, extra = cond[0][0], cond[0][1]
+#: Conditioning options of the host that Mochi 1 Sampler cannot honour, with their defaults.
+UNSUPPORTED = {"area": None, "mask": None, "control": None, "gligen": None, "hooks": None,
+               "strength": 1.0, "start_percent": 0.0, "end_percent": 1.0}
+
+
+def _is_default(value, default) -> bool:
+    return value is None if default is None else value == default
+
+
+def conditioning_to_text(cond: list, name: str = "conditioning") -> text.TextConditioning:
+    """Host CONDITIONING → features and a boolean token mask, as Mochi 1 Text Encode, the
+    host's CLIPTextEncode, ConditioningZeroOut, ConditioningAverage and ConditioningConcat
+    make it.
+
+    ConditioningConcat keeps the first conditioning's mask: the rows it appended are real
+    tokens, except all-zero rows (the padding that Mochi 1 Text Encode zeroes). Real tokens
+    need not be a prefix (:meth:`TextConditioning.packed`). Several conditionings
+    (ConditioningCombine) and areas, masks, strengths or step ranges are refused with a message
+    naming them, before the model is placed on the device.
+    """
+    if len(cond) != 1:
+        raise ValueError(f"{name}: {len(cond)} conditionings (from ConditioningCombine?); Mochi 1 "
+                         "Sampler takes one: join the prompts with ConditioningConcat or "
+                         "ConditioningAverage, or write them as one prompt")
+    features, extra = cond[0]
+    unsupported = [k for k, default in UNSUPPORTED.items()
+                   if not _is_default(extra.get(k, default), default)]
+    if unsupported:
+        raise ValueError(f"{name}: Mochi 1 Sampler applies a conditioning to the whole video at "
+                         f"every step; it cannot honour {', '.join(unsupported)}")
+    batch, length = features.shape[:2]
     mask = extra.get("attention_mask")
-    if mask is None:
-        mask = torch.ones(features.shape[:2], dtype=torch.bool)
-    return text.TextConditioning(features.float(), mask.reshape(features.shape[:2]).bool())
+    mask = torch.ones(batch, length, dtype=torch.bool) if mask is None else \
+        mask.reshape(batch, -1).bool()
+    mask = mask.to(features.device)
+    if mask.shape[1] > length:
+        raise ValueError(f"{name}: an attention mask of {mask.shape[1]} tokens for "
+                         f"{length} feature rows")
+    appended = features[:, mask.shape[1]:].float().abs().amax(dim=-1) > 0
+    return text.TextConditioning.packed(features.float(), torch.cat([mask, appended], dim=1))
 
 
 class Sampler(io.ComfyNode):
@@ -148,7 +181,8 @@ class Sampler(io.ComfyNode):
             start_or_shape = vae.vae_to_dit_latents(start)
         else:
             start_or_shape = tuple(start.shape) if start is not None else shape
-        pos, neg = conditioning_to_text(positive), conditioning_to_text(negative)
+        pos = conditioning_to_text(positive, "positive")
+        neg = conditioning_to_text(negative, "negative")
         module, cfg = model.model.module, parse_cfg_schedule(cfg_schedule or "", steps) or cfg
         job = sampling.memory_job(module, start_or_shape, pos, neg, cfg, steps,
                                   BATCH_CFG[batch_cfg], tiling)  # fmt: skip

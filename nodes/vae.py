@@ -27,9 +27,9 @@ FRAME_HANDLING = ["trim to 6k+1", "reject"]
 
 
 def pixels_to_image(pixels: torch.Tensor) -> torch.Tensor:
-    """Decoder output ``B × 3 × F × H × W`` in [−1, 1] → IMAGE ``(B·F) × H × W × 3`` in [0, 1]."""
-    frames = rearrange(pixels.float(), "b c f h w -> (b f) h w c")
-    return ((frames + 1.0) / 2.0).clamp(0.0, 1.0).to(mm.intermediate_device())
+    """Decoder output ``B × 3 × F × H × W`` in [−1, 1] → IMAGE ``(B·F) × H × W × 3`` in [0, 1],
+    converted chunk by chunk on the host's intermediate device (:func:`vae_tiling.to_images`)."""
+    return vae_tiling.to_images(pixels, mm.intermediate_device())
 
 
 def image_to_pixels(images: torch.Tensor) -> torch.Tensor:
