@@ -60,7 +60,7 @@ def _loaders(x: int = 40, y: int = 60) -> dict:
                 "widgets": {"dit_name": MODELS["dit"]["name"], "weight_dtype": "default",
                             "attention": "sdpa", "compile": "off"}},
         "t5": {"type": "Mochi1TextEncoderLoader", "pos": [x, y + 330], "model": "t5",
-               "widgets": {"t5_name": MODELS["t5"]["name"], "dtype": "fp32"}},
+               "widgets": {"t5_name": MODELS["t5"]["name"], "dtype": "default"}},
         "vae": {"type": "Mochi1VAELoader", "pos": [x, y + 500], "model": "vae",
                 "widgets": {"vae_name": MODELS["vae"]["name"], "second_file": "none",
                             "dtype": "fp32"}},
