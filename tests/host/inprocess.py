@@ -1,0 +1,40 @@
+"""The pack imported in the test process the way ComfyUI imports it, on the host's own modules.
+
+For tests that drive the host's memory management directly (``ModelPatcher.load`` with a
+budget, ``load_models_gpu``) instead of through a server: the host runs in CPU mode (as
+:func:`tests.conftest.import_host` sets it), its model folders point at demo checkpoints.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+from tests.conftest import ROOT, import_host
+
+PACKAGE = "mochi_nodes_under_test"
+FOLDERS = ("diffusion_models", "vae", "text_encoders", "loras")
+
+
+def import_pack() -> ModuleType:
+    """The pack's ``nodes`` package, imported under the host (once per process)."""
+    import_host()
+    if PACKAGE not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            PACKAGE, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
+        pack = importlib.util.module_from_spec(spec)
+        sys.modules[PACKAGE] = pack
+        spec.loader.exec_module(pack)
+        pack._register_core()
+    return importlib.import_module(f"{PACKAGE}.nodes")
+
+
+def use_model_folder(folder: Path) -> None:
+    """Make ``folder`` the first model folder of every kind the loaders read."""
+    import folder_paths  # noqa: PLC0415  (the host's, importable after import_host)
+
+    for kind in FOLDERS:
+        folder_paths.add_model_folder_path(kind, str(folder), is_default=True)
