@@ -13,15 +13,19 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-from tests.conftest import ROOT, import_host
+from tests.conftest import HOST_DIR, ROOT, import_host
 
 PACKAGE = "mochi_nodes_under_test"
 FOLDERS = ("diffusion_models", "vae", "text_encoders", "loras")
 
 
-def import_pack() -> ModuleType:
-    """The pack's ``nodes`` package, imported under the host (once per process)."""
-    import_host()
+def import_pack(cpu: bool = True) -> ModuleType:
+    """The pack's ``nodes`` package, imported under the host (once per process): in CPU mode,
+    or (``cpu=False``) with the host's arguments as already parsed."""
+    if cpu:
+        import_host()
+    elif str(HOST_DIR) not in sys.path:
+        sys.path.insert(0, str(HOST_DIR))
     if PACKAGE not in sys.modules:
         spec = importlib.util.spec_from_file_location(
             PACKAGE, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
