@@ -111,6 +111,10 @@ class CheckpointSource:
         """Key -> stored shape."""
         return {k: h.tensors[k].shape for k, h in self._owner.items()}
 
+    def nbytes(self, keys: Iterable[str]) -> int:
+        """Bytes stored for ``keys`` (what reading them reads)."""
+        return sum(self._owner[k].tensors[k].end - self._owner[k].tensors[k].start for k in keys)
+
     @property
     def metadata(self) -> dict[str, str]:
         """``__metadata__`` of the first file."""
@@ -713,7 +717,8 @@ def load_dit_state_dict(
     sd = strip_prefix(src.load(keys, device, lambda k, v: _pre_cast(k[n:], v, dtype)), prefix)
     if fmt.name == "diffusers":
         sd = diffusers_to_genmo_dit(sd)
-    log.info("%s: loading DiT from %s (%d tensors)", src.name, fmt, len(sd))
+    log.info("%s: read the DiT (%s, %d tensors, %.1f MB)", src.name, fmt, len(sd),
+             src.nbytes(keys) / 1e6)
     return take_fp8_scales(sd, src.name), fmt, src.name
 
 
