@@ -233,7 +233,8 @@ def dit_alternatives(job: DiTJob, available: int, weights_on_device: int,
                    f"{gib(freed)} of the {gib(weights_on_device)} of weights on the device")
     if (device.type == "cuda" and weights_on_device
             and with_margin(job.need()) <= available + weights_on_device):
-        out.append(f"offloading the DiT's blocks (ComfyUI --lowvram, or --offload-blocks N): "
+        out.append(f"offloading the DiT's blocks (ComfyUI --novram, which streams all of "
+                   f"them, or --offload-blocks N): "
                    f"frees up to {gib(weights_on_device)}")
     return out
 

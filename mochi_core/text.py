@@ -10,8 +10,10 @@ The tokenizer is the real T5 v1.1 SentencePiece vocabulary, read from a director
 ``tokenizer.json`` (ComfyUI ships one in ``comfy/text_encoders/t5_tokenizer``; this module finds
 it on the filesystem without importing ComfyUI).
 
-Precision: weights may be stored in fp16 or fp8, but by default they are upcast and the encoder
-runs in **fp32 on the CPU**, as Genmo does. T5 in fp16 is known to overflow to inf/NaN in its
+Precision: weights may be stored in fp16 or fp8, but by default (``T5Conditioner.from_file``,
+the command line) they are upcast and the encoder runs in **fp32 on the CPU**, as Genmo does.
+The ComfyUI loader runs it where the host runs text encoders: in bf16 on a GPU, in fp32 on the
+CPU (``nodes/managed.py``). T5 in fp16 is known to overflow to inf/NaN in its
 feed-forward activations, and a zeroed prompt would then poison the features.
 """
 

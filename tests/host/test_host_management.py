@@ -133,6 +133,20 @@ def test_scaled_fp8_keeps_its_fp8_weights_under_the_host_layers(pack):
     assert (host - reference).abs().max() <= 1.5 * (ours - reference).abs().max()
 
 
+def test_the_vae_streams_every_weight_under_a_small_budget(pack):
+    """The VAE is built with the host's casting layers too: under ``--novram`` (or a small
+    card) nothing is left uncast, and a streamed decoder decodes what the core's decodes."""
+    decoder = pack.loaders.VAELoader.execute(pack.files["vae"], "none", "fp32").result[0]
+    decoder.load(META, lowvram_model_memory=0.1)
+    assert not unreached(decoder, META) and decoder.model.model_lowvram
+    decoder = pack.loaders.VAELoader.execute(pack.files["vae"], "none", "fp32").result[0]
+    decoder.load(CPU, lowvram_model_memory=0.1)
+    core = checkpoints.load_vae(pack.files["folder"] / pack.files["vae"]).decoder
+    z = torch.randn(1, 12, 2, 4, 6, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(decoder.model.module(z), core(z))
+
+
 # --------------------------------------------------------------------------------------------
 # 2. The T5 is loaded whole or not at all
 
