@@ -62,22 +62,36 @@ def _prefix_bytes_error(prefix: str, output: str) -> str | None:
     return None
 
 
+def _prefix_folder_error(prefix: str, output: str) -> str | None:
+    """Each existing folder of the prefix a real folder: not a link (the writer never follows
+    one below the output folder), not a file."""
+    walked = output
+    for part in os.path.dirname(os.path.normpath(prefix)).split(os.sep):
+        if part == os.pardir:
+            return None  # leaves the output folder: refused by _prefix_place_error
+        walked = os.path.join(walked, part)
+        if part in ("", os.curdir) or not os.path.lexists(walked):
+            continue
+        shown = os.path.relpath(walked, output)
+        if os.path.islink(walked):
+            return (f"filename_prefix {prefix!r}: {shown!r} is a link (to "
+                    f"{os.readlink(walked)}); videos are written only into real folders inside "
+                    f"the output folder")
+        if not os.path.isdir(walked):
+            return f"filename_prefix {prefix!r}: {shown!r} in the output folder is not a folder"
+    return None
+
+
 def _prefix_place_error(prefix: str, output: str) -> str | None:
-    """The prefix's folder inside the output folder, through real folders only (a link below
-    the output folder is refused: the writer never follows one)."""
+    """The prefix relative, through real folders, and (links resolved) inside the output
+    folder."""
     if not prefix or os.path.isabs(prefix):
         return (f"filename_prefix must be a relative path inside the output folder (such as "
                 f"'Mochi1/video'); got {prefix!r}")
+    folder_error = _prefix_folder_error(prefix, output)
+    if folder_error:
+        return folder_error
     real_out = os.path.realpath(output)
-    walked = output
-    for part in os.path.dirname(os.path.normpath(prefix)).split(os.sep):
-        walked = os.path.join(walked, part)
-        if part == os.pardir:
-            break
-        if part not in ("", os.curdir) and os.path.islink(walked):
-            return (f"filename_prefix {prefix!r}: {os.path.relpath(walked, output)!r} is a link "
-                    f"(to {os.readlink(walked)}); videos are written only into real folders "
-                    f"inside the output folder")
     target = os.path.realpath(os.path.join(output, prefix))
     with contextlib.suppress(ValueError):  # no common path (another drive): outside
         if os.path.commonpath([real_out, target]) == real_out:

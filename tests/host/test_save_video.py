@@ -115,6 +115,30 @@ def test_a_prefix_no_file_system_takes_is_refused_naming_it(server, prefix, word
         assert word in text, f"{word!r} not in {text!r}"
 
 
+def test_a_prefix_through_a_link_or_a_file_is_refused(server):
+    """The writer never follows a link below output/, so validation refuses one already, even
+    a link that stays inside output/; a file where a folder belongs is named too."""
+    out = server.output_dir
+    (out / "real_inside").mkdir()
+    (out / "inside_link").symlink_to(out / "real_inside", target_is_directory=True)
+    (out / "a_file").write_text("not a folder")
+    for prefix, words in (("inside_link/video", ["'inside_link' is a link", "real folders"]),
+                          ("a_file/deeper/video", ["'a_file'", "is not a folder"])):
+        prompt = base_prompt(server.demo_files)
+        prompt["save"]["inputs"]["filename_prefix"] = prefix
+        text = assert_refused_cleanly(server, prompt, "save")
+        for word in ["filename_prefix", *words]:
+            assert word in text, f"{word!r} not in {text!r}"
+
+
+def test_the_hosts_fields_in_a_folder_still_work(server):
+    """``%year%`` in the folder part is expanded by the host's helper, which makes the folder."""
+    prompt = base_prompt(server.demo_files, seed=46)
+    prompt["save"]["inputs"]["filename_prefix"] = "dated/%year%/video"
+    (file,) = saved_files(server, server.run(prompt))["save"]
+    assert file["path"].parent.name.isdigit() and read_video(file["path"]).frames == 13
+
+
 def test_names_at_the_byte_limit_are_written(server):
     """A file name of exactly 255 bytes (243 of prefix, ``_00001_.webm``) and a folder name of
     exactly 255 bytes run and are written under those names."""
