@@ -16,7 +16,7 @@ import folder_paths
 import torch
 from comfy_api.latest import io, ui
 
-from mochi_core import checkpoints, lora, text
+from mochi_core import checkpoints, lora
 from mochi_core.compile import compile_blocks
 
 from ._shared import (
@@ -28,10 +28,11 @@ from ._shared import (
     MochiModel,
     MochiTextEncoder,
     choice_error,
+    confined,
     file_error,
     first_error,
     model_path,
-    range_error,
+    schema_error,
 )
 
 DTYPES = {"default": None, "fp32": torch.float32, "bf16": torch.bfloat16,
@@ -123,22 +124,22 @@ class DiTLoader(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, dit_name, weight_dtype, attention, compile,
+    def validate_inputs(cls, dit_name=None, weight_dtype=None, attention=None, compile=None,
                         **kwargs) -> bool | str:
         checks = [file_error("dit_name", "diffusion_models", dit_name),
                   choice_error("weight_dtype", weight_dtype, DIT_DTYPES),
                   choice_error("attention", attention, ATTENTION),
                   choice_error("compile", compile, COMPILE)]
         for i in range(1, LORA_SLOTS + 1):
-            name, strength = kwargs.get(f"lora_{i}", NONE), kwargs.get(f"lora_{i}_strength", 1.0)
-            checks.append(file_error(f"lora_{i}", "loras", name, allow_none=True))
-            checks.append(range_error(f"lora_{i}_strength", strength, -4.0, 4.0))
-        return first_error(*checks)
+            checks.append(file_error(f"lora_{i}", "loras", kwargs.get(f"lora_{i}", NONE),
+                                     allow_none=True))
+        return schema_error(cls, kwargs) or first_error(*checks)
 
     @classmethod
     def execute(cls, dit_name, weight_dtype, attention, compile, **kwargs) -> io.NodeOutput:
         model = checkpoints.load_dit(model_path("diffusion_models", dit_name),
-                                     dtype=DTYPES[weight_dtype], attention=attention)
+                                     dtype=DTYPES[weight_dtype], attention=attention,
+                                     check_file=confined("dit_name", "diffusion_models"))
         applied = []
         for i in range(1, LORA_SLOTS + 1):
             name, strength = kwargs.get(f"lora_{i}", NONE), kwargs.get(f"lora_{i}_strength", 1.0)
@@ -186,17 +187,19 @@ class VAELoader(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, vae_name, second_file, dtype) -> bool | str:
-        return first_error(file_error("vae_name", "vae", vae_name),
-                           file_error("second_file", "vae", second_file, allow_none=True),
-                           choice_error("dtype", dtype, VAE_DTYPES))
+    def validate_inputs(cls, vae_name=None, second_file=None, dtype=None) -> bool | str:
+        return schema_error(cls, locals()) or first_error(
+            file_error("vae_name", "vae", vae_name),
+            file_error("second_file", "vae", second_file, allow_none=True),
+            choice_error("dtype", dtype, VAE_DTYPES))
 
     @classmethod
     def execute(cls, vae_name, second_file, dtype) -> io.NodeOutput:
         paths = [model_path("vae", vae_name)]
         if second_file != NONE:
             paths.append(model_path("vae", second_file))
-        vae = checkpoints.load_vae(paths, dtype=DTYPES[dtype])
+        inputs = "vae_name" if second_file == NONE else "vae_name / second_file"
+        vae = checkpoints.load_vae(paths, dtype=DTYPES[dtype], check_file=confined(inputs, "vae"))
         summary = f"found: {' + '.join(vae.halves)} ({'; '.join(vae.sources)})"
         return io.NodeOutput(vae.decoder and _managed(vae.decoder, vae_name),
                              vae.encoder and _managed(vae.encoder, vae_name),
@@ -227,14 +230,16 @@ class TextEncoderLoader(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, t5_name, dtype) -> bool | str:
-        return first_error(file_error("t5_name", "text_encoders", t5_name),
-                           choice_error("dtype", dtype, T5_DTYPES))
+    def validate_inputs(cls, t5_name=None, dtype=None) -> bool | str:
+        return schema_error(cls, locals()) or first_error(
+            file_error("t5_name", "text_encoders", t5_name),
+            choice_error("dtype", dtype, T5_DTYPES))
 
     @classmethod
     def execute(cls, t5_name, dtype) -> io.NodeOutput:
-        conditioner = text.T5Conditioner.from_file(
-            model_path("text_encoders", t5_name), _t5_tokenizer_dir(), dtype=DTYPES[dtype])
+        conditioner = checkpoints.load_t5(  # refuses a file holding no T5, naming what it holds
+            model_path("text_encoders", t5_name), _t5_tokenizer_dir(), dtype=DTYPES[dtype],
+            check_file=confined("t5_name", "text_encoders"))
         return io.NodeOutput(ManagedText(conditioner, _managed(conditioner.encoder, t5_name)))
 
 
