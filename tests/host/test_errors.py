@@ -224,3 +224,23 @@ def test_a_latent_that_is_not_a_mochi_video_is_refused_first(comfy, kind, node, 
     for word in words:
         assert word in error["exception_message"], (word, error["exception_message"])
     assert not list(comfy.output_dir.glob(f"Mochi1/foreign_{kind}*"))
+
+
+def test_images_beyond_the_frame_limit_are_refused_before_encoding(comfy):
+    """An IMAGE is a link too: the encoder checks its shape first (here 362 frames, one more
+    than the 361 the pack makes) instead of encoding it and failing later."""
+    prompt = base_prompt(comfy.demo_files, seed=43)
+    prompt["frames"] = {"class_type": "EmptyImage", "inputs": {
+        "width": 16, "height": 16, "batch_size": 362, "color": 0}}
+    prompt["encode"] = {"class_type": "Mochi1VAEEncode", "inputs": {
+        "encoder": ["vae", 1], "images": ["frames", 0], "frame_handling": "trim to 6k+1"}}
+    prompt["sampler"]["inputs"]["latent"] = ["encode", 0]
+    prompt["save"]["inputs"]["filename_prefix"] = "Mochi1/too_many_frames"
+    with WsWatcher(comfy.url) as ws:
+        entry = comfy.run(prompt)
+        assert entry["status"]["status_str"] == "error", entry["status"]
+        assert ws.progress(entry["prompt"][1], "encode") == [], "the encoder started"
+    (error,) = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
+    assert error["node_id"] == "encode", error
+    for word in ("images", "362", "361 frames"):
+        assert word in error["exception_message"], (word, error["exception_message"])

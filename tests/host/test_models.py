@@ -201,3 +201,22 @@ def test_t5_loader_names_a_file_that_is_not_a_t5(comfy, kind, words):
     assert error["node_type"] == "Mochi1TextEncoderLoader"
     for word in [name, "no T5-XXL encoder found", *words]:
         assert word in error["exception_message"], (word, error["exception_message"])
+
+
+def test_conditioning_of_another_width_is_refused_before_sampling(comfy):
+    """A CONDITIONING is a link: features of another text encoder (here a T5 of width 32 for a
+    DiT that reads 64) are refused first thing in the sampler, naming the input and both
+    widths, instead of failing inside the model."""
+    from mochi_core.demo import DemoT5Size, random_t5_state_dict
+
+    size = DemoT5Size(d_model=32, num_heads=2, d_kv=16)
+    name = "demo_t5_width_32.safetensors"
+    save_file(random_t5_state_dict(5, size), comfy.base / "models" / "text_encoders" / name)
+    prompt = base_prompt(comfy.demo_files, seed=44)
+    prompt["t5"]["inputs"]["t5_name"] = name
+    entry = comfy.run(prompt)
+    assert entry["status"]["status_str"] == "error", entry["status"]
+    (error,) = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
+    assert error["node_id"] == "sampler", error
+    for word in ("positive", "1×256×32", "B × L × 64", "Mochi 1 Text Encode"):
+        assert word in error["exception_message"], (word, error["exception_message"])
