@@ -209,7 +209,7 @@ def resolve_files(path: Path | str, component: str | None = None,
 
 @dataclass(frozen=True)
 class DetectedFormat:
-    """What a key set looks like: ``kind`` (dit/vae/t5/lora/all_in_one/empty/unknown), a format
+    """What a key set looks like: ``kind`` (dit/vae/t5/lora/all_in_one/unknown), a format
     ``name``, the ``parts`` present (VAE halves, all-in-one components) and a key ``prefix``."""
 
     kind: str
@@ -220,7 +220,7 @@ class DetectedFormat:
     @property
     def description(self) -> str:
         """For example ``"dit/comfy_fp8_scaled"`` or ``"vae/comfy_combined (encoder+decoder)"``."""
-        if self.kind == "empty":
+        if self == EMPTY:
             return "an empty checkpoint (no tensors)"
         text = f"{self.kind}/{self.name}" if self.name else self.kind
         return f"{text} ({'+'.join(self.parts)})" if self.parts else text
@@ -230,7 +230,7 @@ class DetectedFormat:
 
 
 UNKNOWN = DetectedFormat("unknown")
-EMPTY = DetectedFormat("empty")
+EMPTY = DetectedFormat("unknown", "empty")
 
 
 def _has_fp8(dtypes: Mapping[str, torch.dtype], keys: Iterable[str]) -> bool:
