@@ -15,8 +15,9 @@ from comfy.cli_args import args
 from comfy_api.latest import InputImpl, Types, io
 
 from mochi_core import video
+from mochi_core.pipeline import MAX_FPS, MIN_FPS
 
-from ._shared import CATEGORY, choice_error, first_error, range_error
+from ._shared import CATEGORY, choice_error, first_error, image_error, require, schema_error
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +159,7 @@ class SaveVideo(io.ComfyNode):
             inputs=[
                 io.Image.Input("images", tooltip="Frames × H × W × 3 in 0–1, e.g. from Mochi 1 "
                                                  "VAE Decode."),
-                io.Float.Input("fps", default=30.0, min=1.0, max=60.0, step=1.0,
+                io.Float.Input("fps", default=30.0, min=MIN_FPS, max=MAX_FPS, step=1.0,
                                tooltip="Frames per second (Mochi 1 was trained at 30)."),
                 io.Combo.Input("format", options=list(FORMATS), default="mp4 (H.264)",
                                tooltip="Container and codec. mp4/webm/webp keep the workflow in "
@@ -180,17 +181,16 @@ class SaveVideo(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, fps, format, quality, filename_prefix) -> bool | str:
-        return first_error(range_error("fps", fps, 1.0, 60.0),
-                           choice_error("format", format, list(FORMATS)),
-                           range_error("quality", quality, 1, 100),
-                           prefix_error(filename_prefix))
+    def validate_inputs(cls, fps=None, format=None, quality=None,
+                        filename_prefix=None) -> bool | str:
+        # the prefix rule first: its length message says more than the schema's text cap
+        return first_error(prefix_error(filename_prefix), schema_error(cls, locals()),
+                           choice_error("format", format, list(FORMATS)))
 
     @classmethod
     def execute(cls, images, fps, format, quality, filename_prefix) -> io.NodeOutput:
-        problem = prefix_error(filename_prefix)  # again: folders may have changed since validation
-        if problem:
-            raise ValueError(problem)
+        require(image_error("images", images))
+        require(prefix_error(filename_prefix))  # again: folders may have changed since validation
         ext, output = FORMATS[format], folder_paths.get_output_directory()
         frames = (images[..., :3].clamp(0, 1) * 255).round().to(torch.uint8).cpu()
         metadata = workflow_metadata(cls.hidden.prompt, cls.hidden.extra_pnginfo)

@@ -307,11 +307,7 @@ def refusal_problem(comfy, prompt: dict, node: str, words: list[str]) -> str | N
     return f"{missing} not in {text[:300]!r}" if missing else None
 
 
-#: nodes/video.py's validate_inputs still needs defaults for its parameters (another change).
-MISSING_INPUT_NODES = sorted(set(PROMPT_NODE) - {"Mochi1SaveVideo"})
-
-
-@pytest.mark.parametrize("class_type", MISSING_INPUT_NODES)
+@pytest.mark.parametrize("class_type", sorted(PROMPT_NODE))
 def test_a_missing_widget_input_is_named_without_a_crash(comfy, class_type):
     """The host reports a required input left out of a prompt; the node's validate_inputs,
     called with the inputs that are there, must not crash with a traceback."""
