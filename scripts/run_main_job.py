@@ -31,6 +31,7 @@ from scripts.comfy_server import (  # noqa: E402
     start_server,
     stop_server,
 )
+from scripts.demo_workflows import DEMO_SHAPE, labelled_prefix  # noqa: E402
 
 WORKFLOW = ROOT / "workflows" / "mochi1_text_to_video.json"
 # Preferred file names first (as users download them), then any file matching the pattern.
@@ -43,7 +44,6 @@ REAL_FILES = {
                                        "t5xxl_fp8_e4m3fn_scaled.safetensors"), "t5xxl"),
 }
 TARGET_FOLDER = {"dit": "diffusion_models", "vae": "vae", "t5": "text_encoders"}
-DEMO_SHAPE = {"width": 128, "height": 96, "frames": 25, "steps": 8}
 
 
 def find_real_models(models: Path | None) -> dict[str, Path] | None:
@@ -105,7 +105,7 @@ def build_prompt(object_info: dict, files: dict[str, str], demo: bool, text: str
             if seed is not None:
                 inputs["seed"] = seed
         elif kind == "Mochi1SaveVideo" and demo:
-            inputs["filename_prefix"] = "Mochi1/DEMO_random_weights_t2v"
+            inputs["filename_prefix"] = labelled_prefix(inputs["filename_prefix"])
     return prompt
 
 
