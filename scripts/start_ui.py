@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -29,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from scripts.comfy_server import place_input_clip, start_server, stop_server  # noqa: E402
 from scripts.demo_workflows import write_demo_workflows  # noqa: E402
-from scripts.run_main_job import prepare_base  # noqa: E402
+from scripts.run_main_job import models_error, prepare_base  # noqa: E402
 
 #: Frontend settings of a person's session, over the test defaults of ``seed_base``: the
 #: missing-models dialog names a template's missing files and their downloads.
@@ -45,6 +46,18 @@ def prepare_ui(base: Path, files: dict[str, str], demo: bool) -> list[Path]:
     return write_demo_workflows(base, files) if demo else []
 
 
+def port_error(port: int) -> str | None:
+    """The port must be a TCP port that is free on 127.0.0.1 (the server listens there)."""
+    if not 1 <= port <= 65535:
+        return f"--port must be from 1 to 65535, got {port}"
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError as err:
+            return f"--port {port} cannot be used ({err.strerror}); choose another, e.g. 8189"
+    return None
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", type=Path, default=os.environ.get("MOCHI_MODELS"),
@@ -53,6 +66,9 @@ def main() -> int:
     parser.add_argument("--port", type=int, default=8188)
     parser.add_argument("--out", type=Path, default=ROOT / "out" / "ui")
     args = parser.parse_args()
+    errors = [e for e in (models_error(args.models), port_error(args.port)) if e]
+    if errors:
+        parser.error("\n  ".join(errors))
 
     base = args.out.resolve()
     base.mkdir(parents=True, exist_ok=True)
