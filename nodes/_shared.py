@@ -21,7 +21,7 @@ import latent_preview
 import torch
 from comfy_api.latest import io
 
-from mochi_core import checkpoints, text
+from mochi_core import checkpoints, pipeline, text
 
 CATEGORY = "Mochi 1"
 
@@ -43,8 +43,8 @@ class ManagedText:
     patcher: object
 
 
-MAX_SIZE = 4096
-MAX_FRAMES = 6 * 60 + 1
+# The size and frame limits of the pack, from the core (the CLI shares them).
+MAX_SIZE, MAX_FRAMES = pipeline.MAX_SIZE, pipeline.MAX_FRAMES
 MAX_LATENT_FRAMES = (MAX_FRAMES - 1) // 6 + 1
 #: Longest value of a text input unless its node says otherwise (``MAX_CHARS``).
 MAX_TEXT = text.MAX_PROMPT_CHARS

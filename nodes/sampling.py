@@ -7,6 +7,7 @@ import torch
 from comfy_api.latest import io
 
 from mochi_core import memory, sampling, schedule, text, vae
+from mochi_core.pipeline import MAX_CFG, MAX_STEPS
 from mochi_core.tiled_sampling import ROPE_MODES, TileOptions
 
 from ._shared import (
@@ -27,7 +28,6 @@ from ._shared import (
 )
 
 BATCH_CFG = {"auto": None, "batched": True, "separate": False}
-MAX_STEPS = 1000
 #: Longest cfg_schedule: one value of up to seven characters per step at the most steps.
 MAX_CFG_SCHEDULE = 8 * MAX_STEPS
 
@@ -55,8 +55,8 @@ def cfg_schedule_error(spec: str | None) -> str | None:
     except ValueError:
         return (f"cfg_schedule must be empty or comma-separated numbers such as '6, 6, 4.5'; "
                 f"got {spec!r}")
-    bad = [v for v in values if not 0.0 <= v <= 30.0]  # also NaN and inf
-    return f"cfg_schedule values must be between 0 and 30; got {bad[:8]}" if bad else None
+    bad = [v for v in values if not 0.0 <= v <= MAX_CFG]  # also NaN and inf
+    return f"cfg_schedule values must be between 0 and {MAX_CFG:g}; got {bad[:8]}" if bad else None
 
 
 def linear_steps_error(linear_steps: int | None, steps: int | None) -> str | None:
@@ -117,7 +117,7 @@ class Sampler(io.ComfyNode):
                                      "30 fps); ignored when a latent is connected."),
                 io.Int.Input("steps", default=64, min=1, max=MAX_STEPS,
                              tooltip="Sampling steps (Genmo: 64)."),
-                io.Float.Input("cfg", default=6.0, min=0.0, max=30.0, step=0.1, round=0.01,
+                io.Float.Input("cfg", default=6.0, min=0.0, max=MAX_CFG, step=0.1, round=0.01,
                                tooltip="Classifier-free guidance scale (Genmo's CLI: 6.0; "
                                        "diffusers and others use 4.5). 1.0 skips the negative."),
                 io.Int.Input("seed", default=0, min=0, max=sampling.MAX_SEED,
