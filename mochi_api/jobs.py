@@ -110,30 +110,41 @@ class Jobs:
         return job
 
     def state(self, job: Job) -> tuple[str, str | None, dict]:
-        """``(status, error message, history outputs)`` of a job."""
+        """``(status, error message, history outputs)`` of a job.
+
+        The queue is read before the history: the host moves a prompt from running to the
+        history under one lock, so a job missing from both, read in this order, really left
+        them (read the other way round, a job finishing in between would look removed).
+        """
         queue = self.server.prompt_queue
-        entry = queue.get_history(prompt_id=job.id).get(job.id)
-        if entry is not None:
-            status = entry.get("status") or {}
-            if status.get("status_str") == "success":
-                return SUCCEEDED, None, entry.get("outputs", {})
-            return FAILED, _failure(status.get("messages", [])), {}
         running, pending = queue.get_current_queue_volatile()
         if any(item[1] == job.id for item in running):
             return RUNNING, None, {}
         if any(item[1] == job.id for item in pending):
             return QUEUED, None, {}
-        return CANCELLED, "the job was removed from the host's queue or history", {}
+        entry = queue.get_history(prompt_id=job.id).get(job.id)
+        if entry is None:
+            return CANCELLED, "the job was removed from the host's queue or history", {}
+        return _finished(entry)
+
+
+def _finished(entry: dict) -> tuple[str, str | None, dict]:
+    """The state of a job in the host's history: succeeded, cancelled (interrupted) or failed."""
+    status = entry.get("status") or {}
+    if status.get("status_str") == "success":
+        return SUCCEEDED, None, entry.get("outputs", {})
+    messages = status.get("messages", [])
+    if any(kind == "execution_interrupted" for kind, _ in messages):
+        return CANCELLED, "the run was interrupted", {}
+    return FAILED, _failure(messages), {}
 
 
 def _failure(messages: list) -> str:
-    """The host's message for a failed run: the exception, or that it was interrupted."""
+    """The host's message for a failed run: the exception."""
     for kind, data in messages:
         if kind == "execution_error":
             return (f"{data.get('node_type')}: {data.get('exception_type')}: "
                     f"{data.get('exception_message', '').strip()}")
-        if kind == "execution_interrupted":
-            return "the run was interrupted"
     return "the run failed"
 
 

@@ -2,8 +2,10 @@
 
 ``POST /mochi/v1/generate`` (``?sync=true[&timeout=s]`` for the MP4 itself),
 ``GET /mochi/v1/jobs/{id}``, ``GET /mochi/v1/jobs/{id}/video``; the host also serves them under
-``/api/...``. Every call needs the ``x-api-key`` header. Order of the checks: routes off (404),
-key (401), body size (413), body (400), queue depth (429).
+``/api/...``. Every call needs the ``x-api-key`` header, once. Order of the checks: routes off
+(404), key (401), media type (415: a ``Content-Type`` other than ``application/json``), body
+size (413, read to its end, chunked or not), body and query (400, every problem named), queue
+depth (429).
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ from pathlib import Path
 import folder_paths
 from aiohttp import web
 
+from . import jobs as states
+from . import query as query_rules
 from . import request as body_rules
-from .jobs import FAILED, QUEUED, RUNNING, SUCCEEDED, Job, Jobs, RejectedError, video_path
+from .jobs import Job, Jobs, RejectedError, video_path
 from .settings import Settings, SettingsError, load
 
 log = logging.getLogger(__name__)
@@ -26,16 +30,64 @@ log = logging.getLogger(__name__)
 PREFIX = "/mochi/v1"
 MAX_BODY = 64 * 1024
 POLL_SECONDS = 0.2
-TRUE = {"1", "true", "yes"}
+JSON_TYPE = "application/json"
+UTF8 = ("utf-8", "utf8")
 
 
 def _error(code: int, message: str, **extra) -> web.Response:
-    """A JSON error: ``{"error": message, ...extra}`` with the HTTP status ``code``."""
+    """A JSON error: ``{"error": message, ...extra}`` with the HTTP status ``code`` (an
+    ``error`` in ``extra``, such as a job status's, gives way to ``message``)."""
+    extra.pop("error", None)
     return web.json_response({"error": message, **extra}, status=code)
+
+
+def _invalid(fields: dict[str, dict]) -> web.Response:
+    return _error(400, "invalid request", fields=fields)
 
 
 def _settings_path() -> Path:
     return Path(folder_paths.get_system_user_directory("mochi_api")) / "settings.json"
+
+
+def _header_text(value: str) -> str:
+    """A header value as valid text for an answer (bytes that are not UTF-8 replaced)."""
+    return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")[:100]
+
+
+def _media_type_error(request: web.Request) -> web.Response | None:
+    """415 for a body declared as something else than JSON in UTF-8. A request without any
+    ``Content-Type`` (``requests.post(data=bytes)``, ``urllib``) is read as JSON."""
+    values = request.headers.getall("Content-Type", [])
+    if not values:
+        return None
+    if len(values) == 1 and request.content_type == JSON_TYPE and (
+            request.charset or "utf-8").lower() in UTF8:
+        return None
+    got = ", ".join(_header_text(v) for v in values)
+    field = {"message": "the body must be sent as Content-Type: application/json (UTF-8)",
+             "allowed": {"values": [JSON_TYPE]}, "got": got}
+    return _error(415, "unsupported media type", fields={"Content-Type": field})
+
+
+class BodyError(ValueError):
+    """The body could not be read: malformed chunks, or the client went away mid-body."""
+
+
+async def _read_body(request: web.Request) -> bytes | None:
+    """The whole body, read until its end (any number of packets or chunks, with or without a
+    Content-Length), or None as soon as it is longer than ``MAX_BODY``."""
+    if (request.content_length or 0) > MAX_BODY:
+        return None
+    data = bytearray()
+    while len(data) <= MAX_BODY:
+        try:
+            piece = await request.content.read(MAX_BODY + 1 - len(data))
+        except (web.RequestPayloadError, ConnectionError) as err:
+            raise BodyError(f"the body could not be read to its end ({err})") from err
+        if not piece:
+            return bytes(data)
+        data += piece
+    return None
 
 
 class Api:
@@ -53,30 +105,34 @@ class Api:
             return _error(500, "the server's Mochi API settings are invalid (see its log)")
         if settings is None:
             raise web.HTTPNotFound()
-        if not settings.key_matches(request.headers.get("x-api-key")):
-            return _error(401, "missing or wrong x-api-key header")
+        keys = request.headers.getall("x-api-key", [])
+        if len(keys) != 1 or not settings.key_matches(keys[0]):
+            return _error(401, "missing or wrong x-api-key header (send it once)")
         return settings
 
     async def generate(self, request: web.Request) -> web.StreamResponse:
         settings = self._authorise(request)
         if isinstance(settings, web.Response):
             return settings
-        if (request.content_length or 0) > MAX_BODY:
-            return _error(413, f"the body is larger than {MAX_BODY} bytes")
-        raw = await request.content.read(MAX_BODY + 1)
-        if len(raw) > MAX_BODY:
-            return _error(413, f"the body is larger than {MAX_BODY} bytes")
+        if (refused := _media_type_error(request)) is not None:
+            return refused
         try:
-            body = json.loads(raw)
-        except ValueError:
-            body = None
-            errors = {"body": {"message": "the body is not valid JSON"}}
-        else:
-            parsed, errors = body_rules.parse(body)
-        sync, timeout, query_errors = _sync_options(request, settings)
-        errors = {**errors, **query_errors}
-        if errors:
-            return _error(400, "invalid request", fields=errors)
+            raw = await _read_body(request)
+        except BodyError as err:  # the client, if still there, gets a 400
+            return _invalid({"body": {"message": str(err)}})
+        if raw is None:
+            return _error(413, f"the body is larger than {MAX_BODY} bytes")
+        body, errors = body_rules.decode(raw)
+        parsed, errors = (None, errors) if errors else body_rules.parse(body)
+        options, query_errors = query_rules.check_generate(request.query.items(),
+                                                           settings.sync_timeout)
+        if errors := {**errors, **query_errors}:
+            return _invalid(errors)
+        return await self._queue(parsed, settings, options)
+
+    async def _queue(self, parsed: body_rules.GenerateRequest, settings: Settings,
+                     options: query_rules.SyncOptions) -> web.StreamResponse:
+        """429 over the queue limit, else the job on the host's queue (202, or its MP4)."""
         depth = self.jobs.depth()
         if depth >= settings.max_queue:
             return web.json_response(
@@ -88,21 +144,24 @@ class Api:
             log.error("Mochi API: the host refused the graph: %s", err)
             return _error(500, f"the server could not queue the run: {err}")
         log.info("Mochi API: job %s queued (%s)", job.id, job.describe())
-        if sync:
-            return await self._wait(job, timeout)
+        if options.sync:
+            return await self._wait(job, options.timeout)
         return web.json_response(self._status(job), status=202)
 
     async def job(self, request: web.Request) -> web.Response:
         settings = self._authorise(request)
         if isinstance(settings, web.Response):
             return settings
-        job = self._known(request)
-        return web.json_response(self._status(job))
+        if errors := query_rules.check_none(request.query.items()):
+            return _invalid(errors)
+        return web.json_response(self._status(self._known(request)))
 
     async def video(self, request: web.Request) -> web.StreamResponse:
         settings = self._authorise(request)
         if isinstance(settings, web.Response):
             return settings
+        if errors := query_rules.check_none(request.query.items()):
+            return _invalid(errors)
         return self._video(self._known(request))
 
     def _known(self, request: web.Request) -> Job:
@@ -121,15 +180,17 @@ class Api:
         return out
 
     def _video(self, job: Job) -> web.StreamResponse:
-        """The MP4 (200), the run's failure (500), or 409 while it is not done."""
+        """The MP4 (200), the run's failure (500), 410 once cancelled, 409 while not done."""
         status, message, outputs = self.jobs.state(job)
-        if status == SUCCEEDED and (path := video_path(outputs)) is not None:
+        if status == states.SUCCEEDED and (path := video_path(outputs)) is not None:
             headers = {"X-Job-Id": job.id, "X-Frames": str(job.request.frames),
                        "X-Fps": str(job.request.fps), "X-Seed": str(job.request.seed),
                        "Content-Type": "video/mp4"}
             return web.FileResponse(path, headers=headers)
-        if status in (SUCCEEDED, FAILED):
+        if status in (states.SUCCEEDED, states.FAILED):
             return _error(500, message or "the run wrote no video", id=job.id)
+        if status == states.CANCELLED:  # gone for good (410), unlike a job not done yet (409)
+            return _error(410, f"the job was cancelled: {message}", **self._status(job))
         return _error(409, f"the job is {status}", **self._status(job))
 
     async def _wait(self, job: Job, timeout: float) -> web.StreamResponse:
@@ -138,29 +199,11 @@ class Api:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             status, _, _ = self.jobs.state(job)
-            if status not in (QUEUED, RUNNING):
+            if status not in (states.QUEUED, states.RUNNING):
                 return self._video(job)
             await asyncio.sleep(POLL_SECONDS)
         return _error(504, f"the run did not finish within {timeout:g} s; it goes on",
                       **self._status(job))
-
-
-def _sync_options(request: web.Request, settings: Settings) -> tuple[bool, float, dict]:
-    """``?sync=true`` and its deadline ``timeout`` (seconds, at most the server's)."""
-    sync = request.query.get("sync", "").lower() in TRUE
-    raw = request.query.get("timeout")
-    if raw is None:
-        return sync, settings.sync_timeout, {}
-    try:
-        timeout = float(raw)
-    except ValueError:
-        timeout = -1.0
-    if not 1 <= timeout <= settings.sync_timeout:
-        allowed = {"type": "number", "min": 1, "max": settings.sync_timeout}
-        return sync, 0.0, {"timeout": {"message": "timeout (query) must be seconds from 1 to "
-                                                  f"{settings.sync_timeout:g}",
-                                       "allowed": allowed, "got": raw}}
-    return sync, timeout, {}
 
 
 def register() -> bool:

@@ -47,8 +47,24 @@ class Settings:
     sync_timeout: float = 600.0
 
     def key_matches(self, given: str | None) -> bool:
-        """Constant-time comparison of the client's key with the configured one."""
-        return given is not None and hmac.compare_digest(given.encode(), self.api_key.encode())
+        """Constant-time comparison of the client's key with the configured one, as bytes.
+
+        aiohttp (like ``os.environ``) decodes bytes that are not UTF-8 as lone surrogates
+        (``surrogateescape``); encoding back the same way recovers the bytes sent, so a key of
+        any bytes is compared, and never breaks the comparison. Text that no bytes decode to
+        does not match."""
+        if given is None:
+            return False
+        try:
+            sent = given.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:
+            return False
+        return hmac.compare_digest(sent, _key_bytes(self.api_key))
+
+
+def _key_bytes(key: str) -> bytes:
+    """The configured key as bytes (checked to be encodable when the settings are read)."""
+    return key.encode("utf-8", "surrogateescape")
 
 
 def _read_file(path: Path) -> dict:
@@ -85,8 +101,17 @@ def _check(raw: dict) -> dict:
                 raise SettingsError(f"sync_timeout: {value} must be positive")
         elif not isinstance(value, str):
             raise SettingsError(f"{name}: must be a string")
+        elif name == "api_key":
+            _check_key(value)
         values[name] = value
     return values
+
+
+def _check_key(key: str) -> None:
+    try:
+        _key_bytes(key)
+    except UnicodeEncodeError as err:
+        raise SettingsError("api_key: holds an unpaired surrogate (not text)") from err
 
 
 def load(path: Path, env: Mapping[str, str] = os.environ) -> Settings | None:

@@ -134,6 +134,8 @@ def _check(args: argparse.Namespace, parser: argparse.ArgumentParser):
     errors = [f"--{k.replace('_', '-')} {v}" for k, v in settings.problems().items()]
     errors += _mode_errors(args) + _output_errors(args) + _number_errors(args)
     errors += _device_errors(args) + _dit_option_errors(args)
+    if not errors:  # reading the tokenizer imports transformers: only once all else is right
+        errors += _tokenizer_errors(args)
     if errors:
         parser.error("\n  ".join(errors))
     return settings
@@ -155,15 +157,34 @@ def _mode_errors(args: argparse.Namespace) -> list[str]:
             errors += _pairing_errors(args)
     try:
         find_tokenizer_dir(args.tokenizer)
-    except FileNotFoundError as err:
+    except (FileNotFoundError, ValueError) as err:
         errors.append(f"--tokenizer: {err}")
     return errors
+
+
+def _tokenizer_errors(args: argparse.Namespace) -> list[str]:
+    """The tokenizer must read and fit T5's vocabulary (ids beyond it have no embedding)."""
+    from .demo import T5_VOCAB  # noqa: PLC0415
+    from .text import find_tokenizer_dir, load_tokenizer  # noqa: PLC0415
+
+    folder = find_tokenizer_dir(args.tokenizer)
+    try:
+        size = len(load_tokenizer(folder))
+    except Exception as err:  # noqa: BLE001 -- the tokenizers library raises many kinds
+        return [f"--tokenizer {folder}: its tokenizer.json cannot be read as the T5 v1.1 "
+                f"tokenizer ({type(err).__name__}: {err})"]
+    if size > T5_VOCAB:
+        return [f"--tokenizer {folder}: {size:,} tokens, more than T5's {T5_VOCAB:,}; use the "
+                "T5 v1.1 tokenizer (ComfyUI's comfy/text_encoders/t5_tokenizer)"]
+    return []
 
 
 def _checkpoint_error(role: str, path: Path) -> str | None:
     """Why ``path`` cannot be the ``role`` checkpoint, from its safetensors header alone."""
     from . import checkpoints as ck  # noqa: PLC0415
 
+    if "\x00" in str(path):
+        return f"--{role}: a path cannot hold a NUL character"
     if not path.exists():
         return f"--{role} {path}: no such file"
     try:
@@ -206,7 +227,7 @@ def _output_errors(args: argparse.Namespace) -> list[str]:
     if raw is None:
         raw = f"mochi_{'demo_' if args.demo else ''}{args.seed}.mp4"
     suffixes = ", ".join("." + f for f in FORMATS)
-    if not raw.strip():
+    if not raw.strip() or "\x00" in raw:
         return [f"--output must be a file name ending in one of {suffixes}, got {raw!r}"]
     out = args.output = Path(raw)
     if raw.endswith(("/", os.sep)) or out.is_dir():
@@ -318,13 +339,13 @@ def _tile_errors(args: argparse.Namespace) -> list[str]:
     return errors
 
 
-def _demo_paths(seed: int):
+def _demo_paths(seed: int, tokenizer: Path | None):
     from .demo import make_demo_checkpoints  # noqa: PLC0415
     from .pipeline import CheckpointPaths  # noqa: PLC0415
 
     cache = Path(os.environ.get("XDG_CACHE_HOME") or tempfile.gettempdir()) / "mochi-nodes-demo"
     demo = make_demo_checkpoints(cache, seed=seed)
-    return CheckpointPaths(demo.dit, demo.vae, demo.t5)
+    return CheckpointPaths(demo.dit, demo.vae, demo.t5, tokenizer)
 
 
 def _peak_memory_mib(device) -> dict[str, float]:
@@ -399,7 +420,7 @@ def _run(args: argparse.Namespace, settings, device, bars: _ProgressBars):
     from .video import write_video  # noqa: PLC0415
 
     if args.demo:
-        paths = _demo_paths(0)
+        paths = _demo_paths(0, args.tokenizer)
     else:
         paths = CheckpointPaths(args.dit, args.vae, args.t5, args.tokenizer)
     result = generate(paths, settings, device=device, dit=args.dit_options,

@@ -79,14 +79,29 @@ _GGUF_SUFFIXES = (".Q8_0_qweight", ".Q4_0_qweight")
 # --------------------------------------------------------------------------------------------
 
 
+#: Called with every file a loader is about to read (the chosen file, the shards and the shard
+#: index beside it); raises to refuse it. The nodes use it to keep reads inside the host's
+#: model folders.
+FileCheck = Callable[[Path], None]
+
+
+def _checked(path: Path, check_file: FileCheck | None) -> Path:
+    """``path``, after ``check_file`` accepted it."""
+    if check_file is not None:
+        check_file(path)
+    return path
+
+
 class CheckpointSource:
     """One checkpoint made of one or more safetensors files (diffusers shards), header-validated.
 
     ``dtypes`` maps every key to its stored torch dtype; ``load(keys)`` reads tensors lazily.
+    ``check_file`` sees every file before its header is read.
     """
 
-    def __init__(self, files: Sequence[Path | str], name: str | None = None) -> None:
-        self.files = [Path(f) for f in files]
+    def __init__(self, files: Sequence[Path | str], name: str | None = None,
+                 check_file: FileCheck | None = None) -> None:
+        self.files = [_checked(Path(f), check_file) for f in files]
         self.name = name or (self.files[0].name if len(self.files) == 1 else str(self.files[0]))
         self.headers: list[SafetensorsHeader] = [read_header(f) for f in self.files]
         self._owner: dict[str, SafetensorsHeader] = {}
@@ -97,9 +112,11 @@ class CheckpointSource:
                 self._owner[key] = header
 
     @classmethod
-    def open(cls, path: Path | str, component: str | None = None) -> CheckpointSource:
+    def open(cls, path: Path | str, component: str | None = None,
+             check_file: FileCheck | None = None) -> CheckpointSource:
         """A file, or a diffusers directory (``component`` = subfolder such as ``"vae"``)."""
-        return cls(resolve_files(path, component), name=Path(path).name)
+        return cls(resolve_files(path, component, check_file), name=Path(path).name,
+                   check_file=check_file)
 
     @property
     def dtypes(self) -> dict[str, torch.dtype]:
@@ -149,11 +166,11 @@ def _index_shards(index: Path) -> list[Path]:
     return [index.parent / n for n in names]
 
 
-def _files_in_dir(folder: Path) -> list[Path]:
+def _files_in_dir(folder: Path, check_file: FileCheck | None = None) -> list[Path]:
     """The checkpoint file(s) of a model folder: a shard index, else one .safetensors."""
     indexes = sorted(folder.glob("*.safetensors.index.json"))
     if indexes:
-        return _index_shards(indexes[0])
+        return _index_shards(_checked(indexes[0], check_file))
     files = sorted(folder.glob("*.safetensors"))
     preferred = [f for f in files if f.name == "diffusion_pytorch_model.safetensors"]
     if preferred or len(files) == 1:
@@ -163,25 +180,32 @@ def _files_in_dir(folder: Path) -> list[Path]:
                           f"found {names[:6] or 'none'}")
 
 
-def _shard_set(path: Path) -> list[Path]:
+def _shard_set(path: Path, check_file: FileCheck | None = None) -> list[Path]:
     """All shards when ``path`` is one shard listed by an index beside it, else ``[path]``."""
     for index in sorted(path.parent.glob("*.safetensors.index.json")):
-        shards = _index_shards(index)
+        shards = _index_shards(_checked(index, check_file))
         if path in shards:
             return shards
     return [path]
 
 
-def resolve_files(path: Path | str, component: str | None = None) -> list[Path]:
-    """The safetensors file(s) behind ``path``: a file, a model folder or a diffusers repo."""
-    path = Path(path)
+def resolve_files(path: Path | str, component: str | None = None,
+                  check_file: FileCheck | None = None) -> list[Path]:
+    """The safetensors file(s) behind ``path``: a file, a model folder or a diffusers repo.
+
+    ``check_file`` sees every file read on the way (shard indexes) and every file returned,
+    before any of them is read.
+    """
+    path = _checked(Path(path), check_file)
     if path.is_file():
-        return _shard_set(path)
-    if not path.is_dir():
+        files = _shard_set(path, check_file)
+    elif path.is_dir():
+        if component and (path / component).is_dir():
+            path = path / component
+        files = _files_in_dir(path, check_file)
+    else:
         raise CheckpointError(f"{path.name}: no such file or directory: {path}")
-    if component and (path / component).is_dir():
-        path = path / component
-    return _files_in_dir(path)
+    return [_checked(f, check_file) for f in files]
 
 
 # --------------------------------------------------------------------------------------------
@@ -202,6 +226,8 @@ class DetectedFormat:
     @property
     def description(self) -> str:
         """For example ``"dit/comfy_fp8_scaled"`` or ``"vae/comfy_combined (encoder+decoder)"``."""
+        if self == EMPTY:
+            return "an empty checkpoint (no tensors)"
         text = f"{self.kind}/{self.name}" if self.name else self.kind
         return f"{text} ({'+'.join(self.parts)})" if self.parts else text
 
@@ -210,6 +236,7 @@ class DetectedFormat:
 
 
 UNKNOWN = DetectedFormat("unknown")
+EMPTY = DetectedFormat("unknown", "empty")
 
 
 def _has_fp8(dtypes: Mapping[str, torch.dtype], keys: Iterable[str]) -> bool:
@@ -267,8 +294,10 @@ def detect_vae_format(dtypes: Mapping[str, torch.dtype]) -> DetectedFormat | Non
 
 
 def _detect_other(dtypes: Mapping[str, torch.dtype]) -> DetectedFormat:
-    """T5, LoRA or foreign (Stable Diffusion) VAE key sets; else unknown."""
+    """T5, LoRA or foreign (Stable Diffusion) VAE key sets, no keys at all; else unknown."""
     keys = dtypes.keys()
+    if not keys:
+        return EMPTY
     if _T5_MARKER in keys or T5_PREFIX + _T5_MARKER in keys:
         return DetectedFormat("t5", "t5xxl_encoder", prefix=T5_PREFIX if T5_PREFIX + _T5_MARKER
                               in keys else "")
@@ -699,16 +728,18 @@ def _dit_part(src: CheckpointSource) -> tuple[DetectedFormat, str]:
 
 
 def load_dit_state_dict(
-    path: Path | str, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+    path: Path | str, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
+    check_file: FileCheck | None = None,
 ) -> tuple[dict[str, torch.Tensor], DetectedFormat, str]:
     """Read the DiT of any supported format as a Genmo-key state dict.
 
     Returns ``(state_dict, format, file name)``; fp8-scaled files keep their fp8 weights and
     0-d ``<m>.scale_weight`` entries. Only the DiT tensors of an all-in-one file are read.
     With a ``dtype``, non-fp8 tensors are cast as they are read (see :func:`_pre_cast`); call
-    :func:`cast_dit_state_dict` to complete the storage policy.
+    :func:`cast_dit_state_dict` to complete the storage policy. ``check_file`` sees every
+    file (shards too) before it is read.
     """
-    src = CheckpointSource.open(path, "transformer")
+    src = CheckpointSource.open(path, "transformer", check_file)
     fmt, prefix = _dit_part(src)
     n = len(prefix)
     keys = [k for k in src.dtypes if k.startswith(prefix)]
@@ -760,6 +791,7 @@ def load_dit(
     device: torch.device | str = "cpu",
     operations=ops.cast,
     attention: str = "sdpa",
+    check_file: FileCheck | None = None,
 ) -> nn.Module:
     """Load a Mochi DiT (:class:`mochi_core.dit.AsymmDiT`) from any supported format.
 
@@ -768,7 +800,7 @@ def load_dit(
     dequantize and cast, ``torch.float8_e4m3fn`` stores the block Linear weights in scaled fp8.
     Norm weights and ``pos_frequencies`` are fp32 in every case. Layers cast per call to the
     input's dtype (``operations``). Errors name the file, its apparent format and the first bad
-    keys.
+    keys. ``check_file`` sees every file (shards too) before it is read.
 
     ``operations`` is a namespace of layer factories, or a function that is given the
     :class:`LayerStorage` of the loaded weights and returns one (a host choosing its own
@@ -776,7 +808,7 @@ def load_dit(
     """
     from mochi_core.dit import AsymmDiT, DiTConfig  # noqa: PLC0415  (dit imports are heavy)
 
-    sd, fmt, name = load_dit_state_dict(path, device=device, dtype=dtype)
+    sd, fmt, name = load_dit_state_dict(path, device=device, dtype=dtype, check_file=check_file)
     config = _config(DiTConfig, sd, name, fmt)
     cast_dit_state_dict(sd, dtype)
     if not hasattr(operations, "Linear"):
@@ -786,13 +818,22 @@ def load_dit(
     return load_into(model, sd, name, fmt)
 
 
-def _t5_source(path: Path | str) -> CheckpointSource:
+#: Where a file that is not a T5 belongs, by the kind it looks like.
+_LOADER_HINTS = {"dit": "a Mochi DiT: choose it in Mochi 1 DiT Loader",
+                 "vae": "a Mochi VAE: choose it in Mochi 1 VAE Loader",
+                 "all_in_one": "a checkpoint without a T5 encoder",
+                 "lora": "a LoRA: place it in models/loras"}
+
+
+def _t5_source(path: Path | str, check_file: FileCheck | None = None) -> CheckpointSource:
     """The file, checked to hold a T5-XXL encoder (standalone or inside an all-in-one file)."""
-    src = CheckpointSource.open(path)
+    src = CheckpointSource.open(path, check_file=check_file)
     dtypes = src.dtypes
     if _T5_MARKER not in dtypes and T5_PREFIX + _T5_MARKER not in dtypes:
-        raise CheckpointError(f"{src.name}: no T5-XXL encoder found; it looks like "
-                              f"{detect_format(dtypes)}")
+        fmt = detect_format(dtypes)
+        hint = _LOADER_HINTS.get(fmt.kind) if "not a Mochi" not in fmt.name else None
+        raise CheckpointError(f"{src.name}: no T5-XXL encoder found; it looks like {fmt}"
+                              + (f" ({hint})" if hint else ""))
     if len(src.files) != 1:
         raise CheckpointError(f"{src.name}: sharded T5 folders are not supported; use a single "
                               "t5xxl .safetensors file")
@@ -800,7 +841,8 @@ def _t5_source(path: Path | str) -> CheckpointSource:
 
 
 def load_t5_state_dict(
-    path: Path | str, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+    path: Path | str, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+    check_file: FileCheck | None = None,
 ) -> dict[str, torch.Tensor]:
     """The T5-XXL encoder weights (Hugging Face ``T5EncoderModel`` keys, in ``dtype``) of a
     standalone T5 file or of the ``text_encoders.t5xxl.transformer.`` part of an all-in-one
@@ -810,7 +852,7 @@ def load_t5_state_dict(
     from mochi_core.safetensors_io import LazyTensors  # noqa: PLC0415
     from mochi_core.text import normalize_t5_state_dict  # noqa: PLC0415
 
-    src = _t5_source(path)
+    src = _t5_source(path, check_file)
     sd = normalize_t5_state_dict(LazyTensors(src.files[0], src.headers[0]), dtype)
     return {k: v.to(device) for k, v in sd.items()}
 
@@ -821,13 +863,21 @@ def load_t5(
     *,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
+    check_file: FileCheck | None = None,
 ):
     """A :class:`mochi_core.text.T5Conditioner` from a T5 or all-in-one file, after checking
-    that the file holds a T5 encoder (a clear error names the file and what it looks like)."""
+    that the file holds a T5 encoder: a clear error names the file and what it looks like, or
+    the T5 weights that do not fit. ``check_file`` sees the file before it is read."""
+    from mochi_core.safetensors_io import LazyTensors  # noqa: PLC0415
     from mochi_core.text import T5Conditioner  # noqa: PLC0415
 
-    src = _t5_source(path)
-    return T5Conditioner.from_file(src.files[0], tokenizer_dir, dtype=dtype, device=device)
+    src = _t5_source(path, check_file)
+    sd = LazyTensors(src.files[0], src.headers[0])
+    try:
+        return T5Conditioner.from_state_dict(sd, tokenizer_dir, dtype=dtype, device=device)
+    except (ValueError, KeyError) as err:
+        raise _fail_load(src.name, detect_format(src.dtypes), f"its weights do not fit a T5 "
+                         f"encoder ({err})") from err
 
 
 # --------------------------------------------------------------------------------------------
@@ -868,18 +918,19 @@ def _vae_halves_of(
 
 
 def load_vae_state_dicts(
-    paths: Path | str | Sequence[Path | str], *, device: torch.device | str = "cpu"
+    paths: Path | str | Sequence[Path | str], *, device: torch.device | str = "cpu",
+    check_file: FileCheck | None = None,
 ) -> tuple[dict[str, dict[str, torch.Tensor]], tuple[str, ...]]:
     """Read the VAE halves from one or more files/folders of any supported format.
 
     Returns ``({"encoder": sd, "decoder": sd}, descriptions)`` with Genmo keys; a half found in
-    two inputs is an error.
+    two inputs is an error. ``check_file`` sees every file (shards too) before it is read.
     """
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     halves: dict[str, dict[str, torch.Tensor]] = {}
     sources = []
     for path in paths:
-        src = CheckpointSource.open(path, "vae")
+        src = CheckpointSource.open(path, "vae", check_file)
         fmt = detect_vae_format(src.dtypes)
         if fmt is None or not fmt.parts:
             raise CheckpointError(f"{src.name}: not a Mochi VAE checkpoint; it looks like "
@@ -911,13 +962,14 @@ def load_vae(
     dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
     operations=ops.cast,
+    check_file: FileCheck | None = None,
 ) -> MochiVAE:
     """Load the Mochi VAE encoder and/or decoder from one or more checkpoints.
 
     ``dtype=None`` keeps the stored dtype; otherwise every floating tensor is cast to ``dtype``.
-    Layers cast per call to the input's dtype.
+    Layers cast per call to the input's dtype. ``check_file`` sees every file before it is read.
     """
-    halves, sources = load_vae_state_dicts(paths, device=device)
+    halves, sources = load_vae_state_dicts(paths, device=device, check_file=check_file)
     name = ", ".join(s.split(":")[0] for s in sources)
     built = {}
     for half, sd in halves.items():

@@ -28,8 +28,8 @@ log = logging.getLogger(__name__)
 
 DecodeCallback = Callable[[int, int], None]
 
-#: The ranges of a generation, shared by the CLI and (the same numbers) the sampler and save
-#: nodes: sides in pixels (multiples of 16), frames (6k+1), steps, guidance, the file's frame rate.
+#: The ranges of a generation, shared by the CLI, the sampler and the save node:
+#: sides in pixels (multiples of 16), frames (6k+1), steps, guidance, the file's frame rate.
 MIN_SIZE, MAX_SIZE = 16, 4096
 MIN_FRAMES, MAX_FRAMES = 7, 6 * 60 + 1
 MAX_STEPS = 1000

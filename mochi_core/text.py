@@ -66,11 +66,22 @@ def prompt_problem(name: str, value: str) -> str | None:
     return None
 
 
+#: Code points that show nothing although they are neither whitespace nor control or format
+#: characters: Unicode's other default-ignorable code points (the combining grapheme joiner,
+#: the Hangul fillers, the Khmer inherent vowels, the Mongolian and other variation selectors,
+#: the reserved U+2065, U+FFF0–U+FFF8 and U+E0000–U+E0FFF) and the blank braille pattern U+2800.
+INVISIBLE = frozenset({0x034F, 0x115F, 0x1160, 0x17B4, 0x17B5, 0x2065, 0x2800, 0x3164, 0xFFA0,
+                       *range(0x180B, 0x1810), *range(0xFE00, 0xFE10), *range(0xFFF0, 0xFFF9),
+                       *range(0xE0000, 0xE1000)})
+
+
 def is_blank(value: str) -> bool:
     """True when ``value`` has no visible character: only whitespace, control characters (NUL
-    among them) and invisible format characters such as the zero-width space (U+200B) or the
-    byte-order mark. T5 reads such text as an empty prompt."""
-    return all(ch.isspace() or unicodedata.category(ch) in ("Cc", "Cf") for ch in value)
+    among them), invisible format characters such as the zero-width space (U+200B) or the
+    byte-order mark, and the other invisible code points of :data:`INVISIBLE` (a Hangul filler,
+    a variation selector). Such text says nothing to T5; as a prompt it is a mistake."""
+    return all(ch.isspace() or unicodedata.category(ch) in ("Cc", "Cf") or ord(ch) in INVISIBLE
+               for ch in value)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,8 @@ from comfy_api.latest import io
 
 from mochi_core import text
 
-from ._shared import CATEGORY, MochiTextEncoder, first_error
+from ._shared import CATEGORY, MochiTextEncoder, first_error, schema_error
+
 
 def prompt_error(name: str, value: str | None) -> str | None:
     """The core's prompt rule (:func:`mochi_core.text.prompt_problem`); a linked input passes."""
@@ -55,8 +56,10 @@ class TextEncode(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, positive, negative) -> bool | str:
-        return first_error(prompt_error("positive", positive), prompt_error("negative", negative))
+    def validate_inputs(cls, positive=None, negative=None) -> bool | str:
+        # the prompt rule first: its length message says why prompts are capped
+        return first_error(prompt_error("positive", positive), prompt_error("negative", negative),
+                           schema_error(cls, locals()))
 
     @classmethod
     def execute(cls, text_encoder, positive, negative) -> io.NodeOutput:

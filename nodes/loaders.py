@@ -15,7 +15,7 @@ import folder_paths
 import torch
 from comfy_api.latest import io, ui
 
-from mochi_core import checkpoints, lora, text
+from mochi_core import checkpoints, lora
 from mochi_core.compile import compile_blocks
 
 from . import managed
@@ -28,10 +28,11 @@ from ._shared import (
     MochiModel,
     MochiTextEncoder,
     choice_error,
+    confined,
     file_error,
     first_error,
     model_path,
-    range_error,
+    schema_error,
 )
 
 DTYPES = {"default": None, "fp32": torch.float32, "bf16": torch.bfloat16,
@@ -102,17 +103,16 @@ class DiTLoader(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, dit_name, weight_dtype, attention, compile,
+    def validate_inputs(cls, dit_name=None, weight_dtype=None, attention=None, compile=None,
                         **kwargs) -> bool | str:
         checks = [file_error("dit_name", "diffusion_models", dit_name),
                   choice_error("weight_dtype", weight_dtype, DIT_DTYPES),
                   choice_error("attention", attention, ATTENTION),
                   choice_error("compile", compile, COMPILE)]
         for i in range(1, LORA_SLOTS + 1):
-            name, strength = kwargs.get(f"lora_{i}", NONE), kwargs.get(f"lora_{i}_strength", 1.0)
-            checks.append(file_error(f"lora_{i}", "loras", name, allow_none=True))
-            checks.append(range_error(f"lora_{i}_strength", strength, -4.0, 4.0))
-        return first_error(*checks)
+            checks.append(file_error(f"lora_{i}", "loras", kwargs.get(f"lora_{i}", NONE),
+                                     allow_none=True))
+        return schema_error(cls, kwargs) or first_error(*checks)
 
     @classmethod
     def execute(cls, dit_name, weight_dtype, attention, compile, **kwargs) -> io.NodeOutput:
@@ -123,7 +123,8 @@ class DiTLoader(io.ComfyNode):
             place = managed.dit_placement()
             model = checkpoints.load_dit(
                 path, dtype=DTYPES[weight_dtype], attention=attention,
-                operations=managed.dit_operations(place.load_device))
+                operations=managed.dit_operations(place.load_device),
+                check_file=confined("dit_name", "diffusion_models"))
             if compile != "off":
                 compile_blocks(model, backend=compile)  # lazily, at the first sampling step
             base = managed.managed(model, dit_name, place)
@@ -173,18 +174,20 @@ class VAELoader(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, vae_name, second_file, dtype) -> bool | str:
-        return first_error(file_error("vae_name", "vae", vae_name),
-                           file_error("second_file", "vae", second_file, allow_none=True),
-                           choice_error("dtype", dtype, VAE_DTYPES))
+    def validate_inputs(cls, vae_name=None, second_file=None, dtype=None) -> bool | str:
+        return schema_error(cls, locals()) or first_error(
+            file_error("vae_name", "vae", vae_name),
+            file_error("second_file", "vae", second_file, allow_none=True),
+            choice_error("dtype", dtype, VAE_DTYPES))
 
     @classmethod
     def execute(cls, vae_name, second_file, dtype) -> io.NodeOutput:
         paths = [model_path("vae", vae_name)]
         if second_file != NONE:
             paths.append(model_path("vae", second_file))
-        vae = checkpoints.load_vae(paths, dtype=DTYPES[dtype],
-                                   operations=managed.VAE_OPERATIONS)
+        inputs = "vae_name" if second_file == NONE else "vae_name / second_file"
+        vae = checkpoints.load_vae(paths, dtype=DTYPES[dtype], operations=managed.VAE_OPERATIONS,
+                                   check_file=confined(inputs, "vae"))
         summary = f"found: {' + '.join(vae.halves)} ({'; '.join(vae.sources)})"
         place = managed.vae_placement()
         return io.NodeOutput(vae.decoder and managed.managed(vae.decoder, vae_name, place),
@@ -218,16 +221,18 @@ class TextEncoderLoader(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, t5_name, dtype) -> bool | str:
-        return first_error(file_error("t5_name", "text_encoders", t5_name),
-                           choice_error("dtype", dtype, T5_DTYPES))
+    def validate_inputs(cls, t5_name=None, dtype=None) -> bool | str:
+        return schema_error(cls, locals()) or first_error(
+            file_error("t5_name", "text_encoders", t5_name),
+            choice_error("dtype", dtype, T5_DTYPES))
 
     @classmethod
     def execute(cls, t5_name, dtype) -> io.NodeOutput:
         place = managed.text_encoder_placement()
-        conditioner = text.T5Conditioner.from_file(
+        conditioner = checkpoints.load_t5(  # refuses a file holding no T5, naming what it holds
             model_path("text_encoders", t5_name), _t5_tokenizer_dir(),
-            dtype=managed.text_encoder_dtype(DTYPES[dtype], place))
+            dtype=managed.text_encoder_dtype(DTYPES[dtype], place),
+            check_file=confined("t5_name", "text_encoders"))
         patcher = managed.managed(conditioner.encoder, t5_name, place, managed.WholeModelPatcher)
         return io.NodeOutput(ManagedText(conditioner, patcher))
 

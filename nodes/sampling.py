@@ -7,6 +7,7 @@ import torch
 from comfy_api.latest import io
 
 from mochi_core import memory, sampling, schedule, text, vae
+from mochi_core.pipeline import MAX_CFG, MAX_STEPS
 from mochi_core.tiled_sampling import ROPE_MODES, TileOptions
 
 from ._shared import (
@@ -18,12 +19,17 @@ from ._shared import (
     StepProgress,
     choice_error,
     first_error,
+    first_message,
     frames_error,
-    range_error,
+    latent_error,
+    require,
+    schema_error,
     size_error,
 )
 
 BATCH_CFG = {"auto": None, "batched": True, "separate": False}
+#: Longest cfg_schedule: one value of up to seven characters per step at the most steps.
+MAX_CFG_SCHEDULE = 8 * MAX_STEPS
 
 
 def parse_cfg_schedule(spec: str, steps: int) -> list[float] | None:
@@ -40,6 +46,8 @@ def parse_cfg_schedule(spec: str, steps: int) -> list[float] | None:
 
 
 def cfg_schedule_error(spec: str | None) -> str | None:
+    """A message when ``spec`` (already at most :data:`MAX_CFG_SCHEDULE` characters) is not
+    a list of numbers between 0 and 30."""
     if spec is None:
         return None
     try:
@@ -47,8 +55,30 @@ def cfg_schedule_error(spec: str | None) -> str | None:
     except ValueError:
         return (f"cfg_schedule must be empty or comma-separated numbers such as '6, 6, 4.5'; "
                 f"got {spec!r}")
-    bad = [v for v in values if not 0.0 <= v <= 30.0]
-    return f"cfg_schedule values must be between 0 and 30; got {bad}" if bad else None
+    bad = [v for v in values if not 0.0 <= v <= MAX_CFG]  # also NaN and inf
+    return f"cfg_schedule values must be between 0 and {MAX_CFG:g}; got {bad[:8]}" if bad else None
+
+
+def linear_steps_error(linear_steps: int | None, steps: int | None) -> str | None:
+    """The linear part of the schedule is shorter than the schedule (0 picks half)."""
+    if None in (linear_steps, steps) or linear_steps < steps:
+        return None
+    return f"linear_steps must be 0 (auto) or below steps ({steps}); got {linear_steps}"
+
+
+def conditioning_error(name: str, cond, width: int) -> str | None:
+    """A message when ``cond`` (a CONDITIONING input) does not hold ``B × L × width`` text
+    features, e.g. CLIP features of an image model instead of T5-XXL ones."""
+    try:
+        features = cond[0][0]
+        shape = tuple(features.shape)
+    except (TypeError, IndexError, KeyError, AttributeError):
+        return f"{name}: expected CONDITIONING from a text encoder; got {type(cond).__name__}"
+    if len(shape) == 3 and shape[2] == width and shape[0] >= 1:
+        return None
+    return (f"{name}: the conditioning holds features of shape {'×'.join(map(str, shape))}; this "
+            f"DiT reads T5-XXL features B × L × {width}: use Mochi 1 Text Encode, or the host's "
+            f"CLIPLoader with type 'mochi' and CLIPTextEncode")
 
 
 #: Conditioning options of the host that Mochi 1 Sampler cannot honour, with their defaults.
@@ -118,12 +148,12 @@ class Sampler(io.ComfyNode):
                 io.Int.Input("frames", default=163, min=7, max=MAX_FRAMES, step=6,
                              tooltip="Number of frames, 6k+1 (163 is Genmo's default: 5.4 s at "
                                      "30 fps); ignored when a latent is connected."),
-                io.Int.Input("steps", default=64, min=1, max=1000,
+                io.Int.Input("steps", default=64, min=1, max=MAX_STEPS,
                              tooltip="Sampling steps (Genmo: 64)."),
-                io.Float.Input("cfg", default=6.0, min=0.0, max=30.0, step=0.1, round=0.01,
+                io.Float.Input("cfg", default=6.0, min=0.0, max=MAX_CFG, step=0.1, round=0.01,
                                tooltip="Classifier-free guidance scale (Genmo's CLI: 6.0; "
                                        "diffusers and others use 4.5). 1.0 skips the negative."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
+                io.Int.Input("seed", default=0, min=0, max=sampling.MAX_SEED,
                              control_after_generate=True,
                              tooltip="Seed of the initial noise (drawn on the CPU in fp32, so a "
                                      "seed gives the same video on any device)."),
@@ -133,12 +163,13 @@ class Sampler(io.ComfyNode):
                 io.Float.Input("threshold_noise", default=0.025, min=0.001, max=0.999,
                                step=0.001, round=0.0001,
                                tooltip="Schedule: 1 − σ reached at the end of its linear part."),
-                io.Int.Input("linear_steps", default=0, min=0, max=1000,
+                io.Int.Input("linear_steps", default=0, min=0, max=MAX_STEPS,
                              tooltip="Schedule: steps in the linear part (0 = half the steps)."),
                 io.String.Input("cfg_schedule", default="",
                                 tooltip="Optional per-step CFG: comma-separated values "
                                         "interpolated over the steps (e.g. '6, 4.5'); empty "
-                                        "uses the constant cfg."),
+                                        f"uses the constant cfg. At most {MAX_CFG_SCHEDULE:,} "
+                                        "characters."),
                 io.Combo.Input("batch_cfg", options=list(BATCH_CFG), default="auto",
                                tooltip="Run the positive and negative passes as one batch "
                                        "(faster, more memory) or separately; 'auto' batches "
@@ -156,24 +187,35 @@ class Sampler(io.ComfyNode):
                         "host's VAEDecode / VAEDecodeTiled.")],
         )
 
+    #: Caps of text inputs below the pack's default (see ``_shared.schema_error``).
+    MAX_CHARS = {"cfg_schedule": MAX_CFG_SCHEDULE}
+
     @classmethod
-    def validate_inputs(cls, width, height, frames, steps, cfg, denoise, threshold_noise,
-                        linear_steps, batch_cfg, cfg_schedule="") -> bool | str:
-        return first_error(
-            size_error("width", width), size_error("height", height),
-            frames_error("frames", frames), range_error("steps", steps, 1, 1000),
-            range_error("cfg", cfg, 0.0, 30.0), range_error("denoise", denoise, 0.01, 1.0),
-            range_error("threshold_noise", threshold_noise, 0.001, 0.999),
-            None if not all(isinstance(v, int) for v in (linear_steps, steps))
-            or linear_steps < steps else
-            f"linear_steps must be 0 (auto) or below steps ({steps}); got {linear_steps}",
-            choice_error("batch_cfg", batch_cfg, list(BATCH_CFG)),
-            cfg_schedule_error(cfg_schedule))
+    def validate_inputs(cls, width=None, height=None, frames=None, steps=None, cfg=None,
+                        seed=None, denoise=None, threshold_noise=None, linear_steps=None,
+                        batch_cfg=None, cfg_schedule=None) -> bool | str:
+        # the size and frame rules also name the allowed steps, so they speak first; then the
+        # schema's limits, so that the rules after them see only in-range, finite numbers
+        return (first_message(size_error("width", width), size_error("height", height),
+                              frames_error("frames", frames), schema_error(cls, locals()))
+                or first_error(linear_steps_error(linear_steps, steps),
+                               choice_error("batch_cfg", batch_cfg, list(BATCH_CFG)),
+                               cfg_schedule_error(cfg_schedule)))
+
+    @classmethod
+    def check_links(cls, model, positive, negative, latent) -> None:
+        """The linked inputs, known only now: before anything is loaded or sampled."""
+        if latent is not None:
+            require(latent_error("latent", latent, even=True))
+        width = model.model.module.config.t5_feat_dim
+        require(conditioning_error("positive", positive, width) or
+                conditioning_error("negative", negative, width))
 
     @classmethod
     def execute(cls, model, positive, negative, width, height, frames, steps, cfg, seed,
                 denoise, threshold_noise, linear_steps, batch_cfg, cfg_schedule="",
                 tiling=None, latent=None) -> io.NodeOutput:
+        cls.check_links(model, positive, negative, latent)
         start = None if latent is None else latent["samples"].float()
         shape = (1, 12, (frames - 1) // 6 + 1, height // 8, width // 8)
         sigmas = schedule.denoise_schedule(steps, denoise, threshold_noise, linear_steps or None)
@@ -233,23 +275,19 @@ class DiTTiling(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, tile_size, tile_overlap, temporal_window, temporal_overlap,
-                        rope) -> bool | str:
-        checks = [choice_error("rope", rope, list(ROPE_MODES))]
-        for name, value in (("tile_size", tile_size), ("tile_overlap", tile_overlap)):
-            if value is not None and (value % 16 or not 0 <= value <= MAX_SIZE):
-                checks.append(f"{name} must be a multiple of 16 between 0 and {MAX_SIZE}; "
-                              f"got {value}")
-        if None not in (tile_size, tile_overlap) and (tile_size < 16 or
-                                                       tile_overlap >= tile_size):
-            checks.append(f"tile_overlap ({tile_overlap}) must be below tile_size ({tile_size}), "
-                          f"and tile_size at least 16")
-        checks.append(range_error("temporal_window", temporal_window, 0, 64))
-        if None not in (temporal_window, temporal_overlap) and temporal_window and not (
-                0 <= temporal_overlap < temporal_window):
-            checks.append(f"temporal_overlap must be between 0 and temporal_window - 1 "
-                          f"({temporal_window - 1}); got {temporal_overlap}")
-        return first_error(*checks)
+    def validate_inputs(cls, tile_size=None, tile_overlap=None, temporal_window=None,
+                        temporal_overlap=None, rope=None) -> bool | str:
+        return schema_error(cls, locals()) or first_error(
+            choice_error("rope", rope, list(ROPE_MODES)),
+            *(f"{name} must be a multiple of 16; got {value}"
+              for name, value in (("tile_size", tile_size), ("tile_overlap", tile_overlap))
+              if value is not None and value % 16),
+            None if None in (tile_size, tile_overlap) or tile_overlap < tile_size else
+            f"tile_overlap ({tile_overlap}) must be below tile_size ({tile_size})",
+            None if None in (temporal_window, temporal_overlap) or not temporal_window
+            or temporal_overlap < temporal_window else
+            f"temporal_overlap must be between 0 and temporal_window - 1 "
+            f"({temporal_window - 1}); got {temporal_overlap}")
 
     @classmethod
     def execute(cls, tile_size, tile_overlap, temporal_window, temporal_overlap,

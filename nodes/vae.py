@@ -19,8 +19,11 @@ from ._shared import (
     StepProgress,
     choice_error,
     first_error,
-    range_error,
+    image_error,
+    latent_error,
+    require,
     return_freed_memory,
+    schema_error,
 )
 
 FRAME_HANDLING = ["trim to 6k+1", "reject"]
@@ -88,19 +91,16 @@ class VAEDecode(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, tile_size, tile_overlap, frame_chunk) -> bool | str:
-        overlap_ok = not tile_size or tile_overlap is None or tile_overlap < tile_size
-        return first_error(
-            range_error("tile_size", tile_size, 0, MAX_SIZE),
+    def validate_inputs(cls, tile_size=None, tile_overlap=None, frame_chunk=None) -> bool | str:
+        return schema_error(cls, locals()) or first_error(
             None if not tile_size or (tile_size % 16 == 0 and tile_size >= 64) else
             f"tile_size must be 0 (whole frames) or a multiple of 16 from 64; got {tile_size}",
-            range_error("tile_overlap", tile_overlap, 0, 512),
-            None if overlap_ok else f"tile_overlap ({tile_overlap}) must be below tile_size "
-                                    f"({tile_size})",
-            range_error("frame_chunk", frame_chunk, 0, 64))
+            None if not tile_size or tile_overlap is None or tile_overlap < tile_size else
+            f"tile_overlap ({tile_overlap}) must be below tile_size ({tile_size})")
 
     @classmethod
     def execute(cls, decoder, samples, tile_size, tile_overlap, frame_chunk) -> io.NodeOutput:
+        require(latent_error("samples", samples))  # a link: known only now
         require_half(decoder, "decoder")
         module = decoder.model.module
         dtype = next(module.parameters()).dtype
@@ -145,11 +145,13 @@ class VAEEncode(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, frame_handling) -> bool | str:
-        return first_error(choice_error("frame_handling", frame_handling, FRAME_HANDLING))
+    def validate_inputs(cls, frame_handling=None) -> bool | str:
+        return schema_error(cls, locals()) or first_error(
+            choice_error("frame_handling", frame_handling, FRAME_HANDLING))
 
     @classmethod
     def execute(cls, encoder, images, frame_handling) -> io.NodeOutput:
+        require(image_error("images", images))  # a link: known only now
         require_half(encoder, "encoder")
         images = check_frames(images, frame_handling)
         mm.load_models_gpu([encoder])

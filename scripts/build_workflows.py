@@ -6,11 +6,19 @@ to ``workflows/<name>.json`` with a same-name ``.jpg`` thumbnail for the templat
 The loader nodes carry ``properties.models`` (file name, download URL, model folder) so the
 frontend's missing-models dialog can help users.
 
+Each workflow's saved view (``extra.ds``) frames the whole graph in the part of a 1280×720
+window that the frontend's own bars leave free, at a zoom where the frontend still draws node
+text (it switches to blank boxes below 8 px text); the layouts below are compact enough for
+that. The thumbnails are cards drawn for the templates browser's square tiles (about 270 px):
+the title, the pipeline and the settings in type that stays legible there, instead of a
+screenshot of the whole graph, whose text is a few pixels high at that size.
+
 Usage: .venv/bin/python scripts/build_workflows.py
 """
 
 from __future__ import annotations
 
+import html
 import json
 import shutil
 import sys
@@ -54,14 +62,19 @@ T2V_NOTE = (
 )
 
 
-def _loaders(x: int = 40, y: int = 60) -> dict:
+# Columns of the layouts (graph units): loaders, text, sampler, decode, saves; rows start at 60.
+COL = (40, 380, 760, 1140, 1450, 1750)
+SAVE_SIZE = [260, 250]
+
+
+def _loaders(x: int = COL[0], y: int = 60) -> dict:
     return {
         "dit": {"type": "Mochi1DiTLoader", "pos": [x, y], "model": "dit",
                 "widgets": {"dit_name": MODELS["dit"]["name"], "weight_dtype": "default",
                             "attention": "sdpa", "compile": "off"}},
-        "t5": {"type": "Mochi1TextEncoderLoader", "pos": [x, y + 330], "model": "t5",
+        "t5": {"type": "Mochi1TextEncoderLoader", "pos": [x, y + 270], "model": "t5",
                "widgets": {"t5_name": MODELS["t5"]["name"], "dtype": "default"}},
-        "vae": {"type": "Mochi1VAELoader", "pos": [x, y + 500], "model": "vae",
+        "vae": {"type": "Mochi1VAELoader", "pos": [x, y + 400], "model": "vae",
                 "widgets": {"vae_name": MODELS["vae"]["name"], "second_file": "none",
                             "dtype": "fp32"}},
     }
@@ -80,7 +93,7 @@ def _decode(pos) -> dict:
 
 
 def _save(pos, prefix: str, fmt: str = "mp4 (H.264)", title: str | None = None) -> dict:
-    spec = {"type": "Mochi1SaveVideo", "pos": pos, "size": [360, 420],
+    spec = {"type": "Mochi1SaveVideo", "pos": pos, "size": SAVE_SIZE,
             "widgets": {"fps": 30.0, "format": fmt, "quality": 85, "filename_prefix": prefix}}
     if title:
         spec["title"] = title
@@ -89,13 +102,13 @@ def _save(pos, prefix: str, fmt: str = "mp4 (H.264)", title: str | None = None) 
 
 def text_to_video(frames: int, steps: int, prefix: str, note: str) -> dict:
     nodes = _loaders() | {
-        "note": {"type": "Note", "pos": [430, 60], "size": [400, 300],
+        "note": {"type": "Note", "pos": [COL[1], 60], "size": [340, 230],
                  "widgets": {"text": note}},
-        "encode": {"type": "Mochi1TextEncode", "pos": [430, 390], "size": [400, 260],
+        "encode": {"type": "Mochi1TextEncode", "pos": [COL[1], 330], "size": [340, 256],
                    "widgets": {"positive": PROMPT, "negative": NEGATIVE}},
-        "sampler": _sampler([870, 60], frames, steps),
-        "decode": _decode([1250, 60]),
-        "save": _save([1580, 60], prefix),
+        "sampler": _sampler([COL[2], 60], frames, steps),
+        "decode": _decode([COL[3], 60]),
+        "save": _save([COL[3], 240], prefix),
     }
     links = [("t5", 0, "encode", "text_encoder"), ("dit", 0, "sampler", "model"),
              ("encode", 0, "sampler", "positive"), ("encode", 1, "sampler", "negative"),
@@ -107,25 +120,25 @@ def text_to_video(frames: int, steps: int, prefix: str, note: str) -> dict:
 def native_interop() -> dict:
     nodes = {
         "dit": _loaders()["dit"],
-        "clip": {"type": "CLIPLoader", "pos": [40, 330], "model": "t5",
+        "clip": {"type": "CLIPLoader", "pos": [COL[0], 330], "model": "t5",
                  "widgets": {"clip_name": MODELS["t5"]["name"], "type": "mochi"}},
-        "pos": {"type": "CLIPTextEncode", "pos": [430, 60], "size": [400, 200],
+        "pos": {"type": "CLIPTextEncode", "pos": [COL[1], 60], "size": [340, 180],
                 "title": "CLIP Text Encode (Positive)", "widgets": {"text": PROMPT}},
-        "neg": {"type": "CLIPTextEncode", "pos": [430, 300], "size": [400, 160],
+        "neg": {"type": "CLIPTextEncode", "pos": [COL[1], 290], "size": [340, 130],
                 "title": "CLIP Text Encode (Negative)", "widgets": {"text": NEGATIVE}},
-        "empty": {"type": "EmptyMochiLatentVideo", "pos": [430, 500],
+        "empty": {"type": "EmptyMochiLatentVideo", "pos": [COL[1], 470],
                   "widgets": {"width": 848, "height": 480, "length": 49, "batch_size": 1}},
-        "sampler": _sampler([870, 60], 49, 30),
-        "vaeload": {"type": "VAELoader", "pos": [870, 580], "model": "vae",
+        "sampler": _sampler([COL[2], 60], 49, 30),
+        "vaeload": {"type": "VAELoader", "pos": [COL[3], 60], "model": "vae",
                     "widgets": {"vae_name": MODELS["vae"]["name"]}},
-        "decode": {"type": "VAEDecodeTiled", "pos": [1250, 60],
+        "decode": {"type": "VAEDecodeTiled", "pos": [COL[3], 170],
                    "widgets": {"tile_size": 256, "overlap": 64, "temporal_size": 64,
                                "temporal_overlap": 8}},
-        "create": {"type": "CreateVideo", "pos": [1250, 330], "widgets": {"fps": 30}},
-        "save": {"type": "SaveVideo", "pos": [1580, 60], "size": [360, 420],
+        "create": {"type": "CreateVideo", "pos": [COL[3], 380], "widgets": {"fps": 30}},
+        "save": {"type": "SaveVideo", "pos": [COL[4] + 40, 60], "size": [300, 300],
                  "widgets": {"filename_prefix": "Mochi1/native", "format": "mp4",
                              "codec": "h264"}},
-        "note": {"type": "Note", "pos": [40, 560], "size": [380, 200], "widgets": {"text": (
+        "note": {"type": "Note", "pos": [COL[0], 490], "size": [300, 190], "widgets": {"text": (
             "Native interop: the host's CLIPLoader(type=mochi) + CLIPTextEncode and "
             "EmptyMochiLatentVideo feed the Mochi 1 Sampler; its LATENT (the host's "
             "convention) is decoded by the host's own VAELoader + VAE Decode (Tiled) and "
@@ -145,16 +158,17 @@ def chaining() -> dict:
         "ImageScale (swap in ImageUpscaleWithModel for a model upscaler) and Canny (a "
         "ControlNet preprocessor), each saved as a video; the save node's VIDEO output "
         "continues into the host's Save Video."))
+    graph["nodes"]["save"]["pos"] = [COL[4], 60]
     graph["nodes"] |= {
-        "scale": {"type": "ImageScale", "pos": [1580, 520],
+        "scale": {"type": "ImageScale", "pos": [COL[3], 240],
                   "widgets": {"upscale_method": "bilinear", "width": 1696, "height": 960,
                               "crop": "disabled"}},
-        "canny": {"type": "Canny", "pos": [1580, 720],
+        "canny": {"type": "Canny", "pos": [COL[3], 420],
                   "widgets": {"low_threshold": 0.2, "high_threshold": 0.5}},
-        "save_scaled": _save([1980, 60], "Mochi1/chain_upscaled", title="Save upscaled"),
-        "save_canny": _save([1980, 520], "Mochi1/chain_canny", "webp (animated)",
+        "save_scaled": _save([COL[4], 370], "Mochi1/chain_upscaled", title="Save upscaled"),
+        "save_canny": _save([COL[5], 60], "Mochi1/chain_canny", "webp (animated)",
                             title="Save Canny edges"),
-        "host_save": {"type": "SaveVideo", "pos": [2380, 60], "size": [360, 420],
+        "host_save": {"type": "SaveVideo", "pos": [COL[5], 370], "size": SAVE_SIZE,
                       "widgets": {"filename_prefix": "Mochi1/chain_host", "format": "mp4",
                                   "codec": "h264"}},
     }
@@ -166,23 +180,25 @@ def chaining() -> dict:
 
 def video_to_video() -> dict:
     nodes = _loaders() | {
-        "load": {"type": "LoadVideo", "pos": [430, 60], "size": [340, 420],
+        "load": {"type": "LoadVideo", "pos": [COL[1], 60], "size": [300, 290],
                  "widgets": {"file": "mochi1_input.mp4"}},
-        "components": {"type": "GetVideoComponents", "pos": [430, 560]},
-        "scale": {"type": "ImageScale", "pos": [430, 690],
+        "components": {"type": "GetVideoComponents", "pos": [COL[1], 420]},
+        "scale": {"type": "ImageScale", "pos": [COL[1], 530],
                   "widgets": {"upscale_method": "bilinear", "width": 848, "height": 480,
                               "crop": "center"}},
-        "encode_text": {"type": "Mochi1TextEncode", "pos": [820, 560], "size": [400, 240],
+        "encode_text": {"type": "Mochi1TextEncode", "pos": [COL[2] - 40, 190], "size": [340, 200],
                         "widgets": {"positive": "The same scene as a watercolour painting, "
                                     "soft washes of colour, paper texture.",
                                     "negative": NEGATIVE}},
-        "encode": {"type": "Mochi1VAEEncode", "pos": [820, 60],
+        "encode": {"type": "Mochi1VAEEncode", "pos": [COL[2] - 40, 60],
                    "widgets": {"frame_handling": "trim to 6k+1"}},
-        "sampler": _sampler([1250, 60], 49, 30, denoise=0.6),
-        "decode": _decode([1630, 60]),
-        "save": _save([1960, 60], "Mochi1/v2v"),
-        "note": {"type": "Note", "pos": [820, 220], "size": [400, 280], "widgets": {"text": (
-            "Video-to-video: load a clip (put it in ComfyUI/input or use the upload button), "
+        "sampler": _sampler([COL[3] - 20, 60], 49, 30, denoise=0.6),
+        "decode": _decode([COL[4] + 30, 60]),
+        "save": _save([COL[4] + 30, 240], "Mochi1/v2v"),
+        "note": {"type": "Note", "pos": [COL[2] - 40, 430], "size": [340, 210],
+                 "widgets": {"text": (
+            "Video-to-video: load a clip (the pack's workflows/mochi1_input.mp4 is a small test "
+            "clip: copy it to ComfyUI/input, or upload your own with the button), "
             "resize it to multiples of 16, encode it (frames are trimmed to 6k+1), sample with "
             "denoise < 1 (0.6 keeps the layout and motion, lower keeps more), decode, save at "
             "the clip's own frame rate. The sampler's size comes from the latent.")}},
@@ -271,12 +287,104 @@ def fit_and_capture(page, path: Path) -> None:
                                                              else {}))
 
 
+# --------------------------------------------------------------------------------------------
+# The saved view: the whole graph in a 1280×720 window, at a zoom that still draws node text
+
+VIEW = (1280, 720)
+#: The canvas area (left, top, right, bottom; CSS pixels) that a 1280×720 window leaves free of
+#: the frontend's bars: the side bar, the tabs and the "Nodes 2.0" banner, the breadcrumb and the
+#: run toolbar, the zoom controls (measured in comfyui-frontend-package 1.32.9).
+VIEW_FREE = (72, 140, 1268, 650)
+TITLE_HEIGHT = 30  # LiteGraph draws a node's title bar above its ``pos``
+MARGIN = 12
+#: Below this zoom the frontend draws nodes as blank boxes: its default level-of-detail threshold
+#: is 8 px text, and node text is 14 px (``LiteGraph.NODE_TEXT_SIZE``); a little headroom kept.
+MIN_SCALE = 8 / 14 + 0.02
+
+
+def graph_bounds(workflow: dict) -> tuple[float, float, float, float]:
+    """``(x0, y0, x1, y1)`` of every node with its title bar, in graph units."""
+    nodes = workflow["nodes"]
+    return (min(n["pos"][0] for n in nodes), min(n["pos"][1] for n in nodes) - TITLE_HEIGHT,
+            max(n["pos"][0] + n["size"][0] for n in nodes),
+            max(n["pos"][1] + n["size"][1] for n in nodes))  # fmt: skip
+
+
+def saved_view(workflow: dict) -> dict:
+    """``extra.ds`` that centres the whole graph in :data:`VIEW_FREE` (never zooming in)."""
+    x0, y0, x1, y1 = graph_bounds(workflow)
+    x0, y0, x1, y1 = x0 - MARGIN, y0 - MARGIN, x1 + MARGIN, y1 + MARGIN
+    left, top, right, bottom = VIEW_FREE
+    scale = min(1.0, (right - left) / (x1 - x0), (bottom - top) / (y1 - y0))
+    if scale < MIN_SCALE:
+        raise ValueError(f"the graph ({x1 - x0:.0f}×{y1 - y0:.0f}) needs zoom {scale:.3f} to fit "
+                         f"{VIEW[0]}×{VIEW[1]}; below {MIN_SCALE:.3f} the frontend hides node "
+                         "text: make the layout more compact")
+    screen_x = left + ((right - left) - (x1 - x0) * scale) / 2
+    screen_y = top + ((bottom - top) - (y1 - y0) * scale) / 2
+    return {"scale": round(scale, 4),
+            "offset": [round(screen_x / scale - x0, 1), round(screen_y / scale - y0, 1)]}
+
+
+# --------------------------------------------------------------------------------------------
+# Thumbnails: cards legible in the templates browser's square tiles
+
+#: Per workflow: the card's title, its pipeline and two lines of settings.
+CARDS = {
+    "mochi1_text_to_video": ("Text to video", ["T5 prompt", "Mochi 1 sampler", "VAE decode",
+                                               "MP4"],
+                             ["848×480 · 163 frames", "64 steps · CFG 6.0 (Genmo)"]),
+    "mochi1_fast_preview": ("Fast preview", ["T5 prompt", "Mochi 1 sampler", "VAE decode", "MP4"],
+                            ["848×480 · 49 frames", "30 steps: try prompts and seeds"]),
+    "mochi1_native_interop": ("Native interop", ["CLIP Text Encode", "Mochi 1 sampler",
+                                                  "VAE Decode (Tiled)", "Save Video"],
+                              ["host loaders and decoder", "848×480 · 49 frames"]),
+    "mochi1_chain_upscale_canny": ("Upscale + Canny", ["Mochi 1 video", "Image Scale ×2",
+                                                       "Canny edges", "3 videos"],
+                                   ["frames are plain IMAGEs", "848×480 · 49 frames"]),
+    "mochi1_video_to_video": ("Video to video", ["Load Video", "VAE encode", "sample, denoise 0.6",
+                                                 "VAE decode"],
+                              ["input/mochi1_input.mp4", "keeps the clip's fps"]),
+}
+CARD_SIZE = 512
+CARD_HTML = """<!doctype html><html><head><meta charset="utf-8"><style>
+body {{ margin: 0; width: {size}px; height: {size}px; background: #1d2430; color: #f2f4f8;
+       font-family: "DejaVu Sans", "Liberation Sans", Arial, sans-serif; }}
+.card {{ box-sizing: border-box; width: 100%; height: 100%; padding: 28px 34px;
+        display: flex; flex-direction: column; gap: 13px; overflow: hidden; }}
+.brand {{ font-size: 26px; color: #ffb454; font-weight: bold; letter-spacing: 1px; }}
+h1 {{ margin: 0 0 6px 0; font-size: 46px; line-height: 1.05; }}
+.step {{ font-size: 27px; background: #2f3a4d; border-left: 6px solid #5ccfe6;
+        border-radius: 6px; padding: 6px 12px; }}
+.arrow {{ font-size: 20px; color: #8a96a8; margin: -12px 0 -12px 24px; }}
+.meta {{ margin-top: auto; font-size: 25px; color: #c9d1dc; line-height: 1.3; }}
+</style></head><body><div class="card"><div class="brand">MOCHI 1</div><h1>{title}</h1>
+{steps}<div class="meta">{meta}</div></div></body></html>"""
+
+
+def card_html(name: str) -> str:
+    """The thumbnail card of a workflow as a small HTML page."""
+    title, steps, meta = CARDS[name]
+    boxes = '\n<div class="arrow">▼</div>\n'.join(
+        f'<div class="step">{html.escape(step)}</div>' for step in steps)
+    return CARD_HTML.format(size=CARD_SIZE, title=html.escape(title), steps=boxes,
+                            meta="<br>".join(html.escape(line) for line in meta))
+
+
+def write_thumbnail(page, name: str, path: Path) -> None:
+    """Render the card of ``name`` in Chromium and save it as a square JPEG."""
+    page.set_viewport_size({"width": CARD_SIZE, "height": CARD_SIZE})
+    page.set_content(card_html(name))
+    page.screenshot(path=str(path), type="jpeg", quality=88,
+                    clip={"x": 0, "y": 0, "width": CARD_SIZE, "height": CARD_SIZE})
+
+
 def build(page, name: str, graph: dict) -> dict:
     for spec in graph["nodes"].values():
         if "model" in spec:
             spec["models"] = [MODELS[spec.pop("model")]]
     workflow = json.loads(page.evaluate(BUILD_JS, graph))
-    fit_and_capture(page, WORKFLOWS / f"{name}.jpg")
+    workflow["extra"]["ds"] = saved_view(workflow)
     return workflow
 
 
@@ -289,11 +397,15 @@ def main() -> None:
     try:
         seed_base(base)
         server = start_server(base)
-        with browser_page(server.url, viewport=(1400, 820)) as page:
+        with browser_page(server.url, viewport=VIEW) as page:
             for name, make in GRAPHS.items():
                 workflow = build(page, name, make())
                 (WORKFLOWS / f"{name}.json").write_text(json.dumps(workflow, indent=2) + "\n")
-                print(f"wrote workflows/{name}.json ({len(workflow['nodes'])} nodes)")
+                print(f"wrote workflows/{name}.json ({len(workflow['nodes'])} nodes, "
+                      f"view zoom {workflow['extra']['ds']['scale']:.2f})")
+            card_page = page.context.browser.new_page()  # a context of its own
+            for name in GRAPHS:
+                write_thumbnail(card_page, name, WORKFLOWS / f"{name}.jpg")
     finally:
         if server is not None:
             stop_server(server)

@@ -23,6 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 HOST_DIR = Path(os.environ.get("MOCHI_TEST_HOST", ROOT / ".host" / "ComfyUI"))
 
 PACK_NAME = "mochi-nodes"
+#: The clip the video-to-video template loads (``scripts/make_input_clip.py``), copied into each
+#: server's ``input/`` folder so that the template runs as it is.
+INPUT_CLIP = ROOT / "workflows" / "mochi1_input.mp4"
 STARTUP_TIMEOUT = 120.0
 SETTINGS = {
     "Comfy.TutorialCompleted": True,
@@ -124,6 +127,16 @@ def seed_base(base: Path) -> None:
         (base / sub).mkdir(parents=True, exist_ok=True)
     os.symlink(ROOT, base / "custom_nodes" / PACK_NAME)
     (base / "user/default/comfy.settings.json").write_text(json.dumps(SETTINGS))
+    place_input_clip(base)
+
+
+def place_input_clip(base: Path) -> Path:
+    """Copy the video-to-video template's input clip into ``base/input`` (kept if present)."""
+    target = base / "input" / INPUT_CLIP.name
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(INPUT_CLIP, target)
+    return target
 
 
 def fill_demo_models(models: Path, seed: int = 0) -> dict[str, str]:

@@ -31,6 +31,7 @@ from scripts.comfy_server import (  # noqa: E402
     start_server,
     stop_server,
 )
+from scripts.demo_workflows import DEMO_SHAPE, labelled_prefix  # noqa: E402
 
 WORKFLOW = ROOT / "workflows" / "mochi1_text_to_video.json"
 # Preferred file names first (as users download them), then any file matching the pattern.
@@ -43,25 +44,39 @@ REAL_FILES = {
                                        "t5xxl_fp8_e4m3fn_scaled.safetensors"), "t5xxl"),
 }
 TARGET_FOLDER = {"dit": "diffusion_models", "vae": "vae", "t5": "text_encoders"}
-DEMO_SHAPE = {"width": 128, "height": 96, "frames": 25, "steps": 8}
+
+
+def _real_file(models: Path, role: str) -> Path | None:
+    """The preferred real (not demo) file of ``role`` in a models folder, or None."""
+    from mochi_core.demo import is_demo_file
+
+    folders, preferred, pattern = REAL_FILES[role]
+    candidates = [models / f / n for f in folders for n in preferred]
+    candidates += sorted(p for f in folders for p in (models / f).glob(f"*{pattern}*")
+                         if p.suffix == ".safetensors")
+    return next((p for p in candidates if p.is_file() and not is_demo_file(p)), None)
 
 
 def find_real_models(models: Path | None) -> dict[str, Path] | None:
     """The real DiT, VAE and T5 files in a ComfyUI models folder, or None if one is missing."""
     if models is None or not models.is_dir():
         return None
-    from mochi_core.demo import is_demo_file
+    found = {role: _real_file(models, role) for role in REAL_FILES}
+    return None if None in found.values() else found
 
-    found = {}
-    for role, (folders, preferred, pattern) in REAL_FILES.items():
-        candidates = [models / f / n for f in folders for n in preferred]
-        candidates += sorted(p for f in folders for p in (models / f).glob(f"*{pattern}*")
-                             if p.suffix == ".safetensors")
-        real = [p for p in candidates if p.is_file() and not is_demo_file(p)]
-        if not real:
-            return None
-        found[role] = real[0]
-    return found
+
+def missing_real_files(models: Path) -> list[str]:
+    """Which of the real DiT, VAE and T5 files a models folder lacks (as ``folder/name``)."""
+    return [f"{folders[0]}/{preferred[0]}" for role, (folders, preferred, _) in REAL_FILES.items()
+            if _real_file(models, role) is None]
+
+
+def models_error(models: Path | None) -> str | None:
+    """A given models folder must exist: a wrong path would quietly give the demo weights."""
+    if models is not None and not models.is_dir():
+        return (f"--models {models}: no such folder (a ComfyUI models folder holding "
+                "diffusion_models/, vae/ and text_encoders/; also read from $MOCHI_MODELS)")
+    return None
 
 
 def link_models(base: Path, files: dict[str, Path]) -> dict[str, str]:
@@ -83,6 +98,9 @@ def prepare_base(base: Path, models: Path | None, demo: bool) -> tuple[dict[str,
     real = None if demo else find_real_models(models)
     if real:
         return link_models(base, real), False
+    if models is not None and not demo:
+        print(f"{models} lacks {', '.join(missing_real_files(models))}: using the DEMO checkpoint "
+              "(random weights) instead", flush=True)
     return fill_demo_models(base / "models"), True
 
 
@@ -105,8 +123,24 @@ def build_prompt(object_info: dict, files: dict[str, str], demo: bool, text: str
             if seed is not None:
                 inputs["seed"] = seed
         elif kind == "Mochi1SaveVideo" and demo:
-            inputs["filename_prefix"] = "Mochi1/DEMO_random_weights_t2v"
+            inputs["filename_prefix"] = labelled_prefix(inputs["filename_prefix"])
     return prompt
+
+
+def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse bad values before the server starts (exit 2, naming the option and the range)."""
+    from mochi_core.sampling import MAX_SEED
+    from mochi_core.text import prompt_problem
+
+    errors = [e for e in (models_error(args.models),) if e]
+    if args.seed is not None and not 0 <= args.seed <= MAX_SEED:
+        errors.append(f"--seed must be an integer from 0 to {MAX_SEED}, got {args.seed}")
+    if args.prompt is not None and (problem := prompt_problem("--prompt", args.prompt)):
+        errors.append(problem)
+    if not args.timeout > 0:
+        errors.append(f"--timeout must be > 0 seconds, got {args.timeout}")
+    if errors:
+        parser.error("\n  ".join(errors))
 
 
 def main() -> int:
@@ -120,6 +154,7 @@ def main() -> int:
                         help="where the server's base directory (and output) lives")
     parser.add_argument("--timeout", type=float, default=6 * 3600)
     args = parser.parse_args()
+    check_arguments(parser, args)
 
     base = args.out.resolve() / "comfy"
     base.mkdir(parents=True, exist_ok=True)
@@ -137,7 +172,11 @@ def main() -> int:
               f"{sampler['frames']} frames, {sampler['steps']} steps, cfg {sampler['cfg']}, "
               f"seed {sampler['seed']} on ComfyUI at {server.url}", flush=True)
         start = time.monotonic()
-        entry = server.run(prompt, timeout=args.timeout)
+        status, body = server.queue(prompt)
+        if status != 200:  # the server's validation, e.g. a model file it cannot use
+            print(f"[main job] REFUSED: {json.dumps(body, indent=1)[:4000]}", file=sys.stderr)
+            return 1
+        entry = server.wait(body["prompt_id"], timeout=args.timeout)
         if entry["status"]["status_str"] != "success":
             errors = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
             print(f"[main job] FAILED: {json.dumps(errors, indent=1)[:4000]}", file=sys.stderr)

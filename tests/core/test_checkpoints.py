@@ -135,6 +135,59 @@ def test_diffusers_folder_file_and_transformer_dir(files):
     assert_loaded(load_dit(one_shard), written)  # a shard picks up its siblings via the index
 
 
+def test_check_file_sees_every_shard_and_index_before_reading(files):
+    """The loaders hand every file they resolve (the index beside a shard, every shard) to
+    ``check_file`` first; a refusal stops the load with the checker's message."""
+    root, written = files["diffusers"]
+    folder = root / "transformer"
+    one_shard = next(folder.glob("*-00002-of-00002.safetensors"))
+    seen: list[Path] = []
+    assert_loaded(load_dit(one_shard, check_file=seen.append), written)
+    shards = sorted(folder.glob("*.safetensors"))
+    index = next(folder.glob("*.safetensors.index.json"))
+    assert len(shards) == 2 and set(seen) == {index, *shards}
+
+    def refuse_first(path: Path) -> None:
+        if path.name.endswith("-00001-of-00002.safetensors"):
+            raise PermissionError(f"{path.name} is a link leaving the model folders")
+
+    with pytest.raises(PermissionError, match="-00001-of-00002.safetensors is a link"):
+        load_dit(one_shard, check_file=refuse_first)
+
+    def refuse_all(path: Path) -> None:
+        raise PermissionError(f"{path.name} refused")
+
+    with pytest.raises(PermissionError, match="refused"):
+        load_vae(files["comfy_vae"][0], check_file=refuse_all)
+    with pytest.raises(PermissionError, match="t5xxl_fp16.safetensors refused"):
+        ck.load_t5(files["t5"], check_file=refuse_all)
+
+
+@pytest.mark.parametrize(("name", "words"), [
+    ("genmo_fp32", ["looks like dit/genmo", "Mochi 1 DiT Loader"]),
+    ("comfy_vae", ["looks like vae/comfy_combined", "Mochi 1 VAE Loader"]),
+    ("sd15", ["another architecture"]),
+    ("empty", ["looks like an empty checkpoint (no tensors)"]),
+])
+def test_t5_loader_refuses_a_file_that_is_not_a_t5(files, tmp_path, name, words):
+    """A DiT, a VAE, a Stable Diffusion checkpoint or an empty file given as the T5 encoder:
+    the error names the file and what it looks like (and, for a Mochi file, its loader)."""
+    if name == "sd15":
+        path = tmp_path / "sd15.safetensors"
+        save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3),
+                   "first_stage_model.decoder.conv_in.weight": torch.zeros(4, 4, 3, 3)},
+                  str(path))
+    elif name == "empty":
+        path = tmp_path / "empty.safetensors"
+        save_file({}, str(path))
+    else:
+        path = files[name][0]
+    with pytest.raises(CheckpointError) as err:
+        ck.load_t5(path)
+    for word in [path.name, "no T5-XXL encoder found", *words]:
+        assert word in str(err.value), (word, str(err.value))
+
+
 def run_vae(vae: ck.MochiVAE) -> None:
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():

@@ -193,6 +193,7 @@ def _output_cases(tmp: Path) -> list[tuple[str, str]]:
         (str(tmp / "dangling.mp4"), "already exists (never overwritten)"),
         (str(tmp / ".mp4"), "--output must end in one of .mp4, .webm, .gif, .webp"),
         ("", "--output must be a file name ending in one of .mp4, .webm, .gif, .webp"),
+        (str(tmp / "nul\x00.mp4"), "--output must be a file name ending in one of .mp4"),
     ]  # fmt: skip
 
 
@@ -203,6 +204,20 @@ def test_every_bad_output_is_refused_before_loading(tmp_path, nothing_loads, cap
         err = run_main_expecting_error("--demo", "--output", output, capsys=capsys)
         assert message in err, (output, err)
     assert not (tmp_path / "nowhere").exists(), "the dangling link was followed"
+
+
+def test_a_tokenizer_that_cannot_be_read_is_refused_before_loading(tmp_path, nothing_loads,
+                                                                    capsys):  # fmt: skip
+    """--tokenizer is used (also with --demo) and read before anything else is loaded."""
+    bogus = tmp_path / "tokenizer"
+    bogus.mkdir()
+    (bogus / "tokenizer.json").write_text('{"not": "a tokenizer"}')
+    err = run_main_expecting_error("--demo", "--tokenizer", str(bogus), "--output",
+                                   str(tmp_path / "o.mp4"), capsys=capsys)  # fmt: skip
+    assert f"--tokenizer {bogus}: its tokenizer.json cannot be read as the T5 v1.1" in err, err
+    err = run_main_expecting_error("--demo", "--tokenizer", str(tmp_path / "none"),
+                                   "--output", str(tmp_path / "o.mp4"), capsys=capsys)
+    assert "--tokenizer: T5 tokenizer not found" in err
 
 
 @pytest.fixture
@@ -232,6 +247,7 @@ def test_wrong_checkpoint_files_are_named_from_their_headers(tmp_path, demo_file
         ({"dit": garbage}, "--dit: garbage.safetensors"),
         ({"dit": pickled}, "--dit: model.ckpt"),
         ({"dit": tmp_path}, "--dit: "),
+        ({"t5": "t5\x00.safetensors"}, "--t5: a path cannot hold a NUL character"),
     ]
     for swap, message in cases:
         out = tmp_path / "o.mp4"

@@ -6,9 +6,14 @@ from __future__ import annotations
 import copy
 import json
 import time
+from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
+from scripts.comfy_server import PACK_NAME
+from tests.conftest import ROOT
 from tests.host.ws import WsWatcher
 
 pytestmark = pytest.mark.host
@@ -41,12 +46,30 @@ def base_prompt(files: dict[str, str], **sampler) -> dict:
     }
 
 
+def pack_crashes(body: dict) -> list[dict]:
+    """The validation errors of a 400 that are a traceback raised in the pack's own code, or a
+    pack ``validate_inputs`` the host could not call. The host's own crashes (on a link to a
+    node that does not exist, a cycle, an output index out of range) are not the pack's."""
+    pack = [str(where / package) for where in (ROOT, Path(PACK_NAME))
+            for package in ("nodes", "mochi_core", "mochi_api")]
+    crashes = []
+    for error in [e for node in body.get("node_errors", {}).values() for e in node["errors"]]:
+        info = error.get("extra_info", {})
+        innermost = (info.get("traceback") or [""])[-1]
+        if any(p in innermost for p in pack) or \
+                "validate_inputs()" in str(info.get("exception_message", "")):
+            crashes.append(error)
+    return crashes
+
+
 def refused(comfy, prompt: dict, node: str) -> str:
     """POST a prompt that must be refused; the error texts of ``node``, joined."""
     status, body = comfy.queue(prompt)
     assert status == 400, f"accepted: {body}"
     assert node in body["node_errors"], json.dumps(body)[:2000]
     errors = body["node_errors"][node]["errors"]
+    crashed = pack_crashes(body)
+    assert not crashed, f"the pack's validation crashed: {json.dumps(crashed)[:2000]}"
     return " | ".join(f"{e['message']}: {e['details']} {e['extra_info'].get('input_name', '')}"
                       for e in errors)
 
@@ -153,3 +176,71 @@ def test_interrupt_during_sampling_ends_the_prompt_and_the_next_runs(comfy):
 
     nxt = comfy.run(base_prompt(comfy.demo_files, seed=12))
     assert nxt["status"]["status_str"] == "success"
+
+
+def latent_file(comfy, name: str, shape: tuple[int, ...]) -> str:
+    """A ``.latent`` file for the host's LoadLatent node, holding zeros of ``shape``."""
+    save_file({"latent_tensor": torch.zeros(shape), "latent_format_version_0": torch.tensor([])},
+              comfy.input_dir / name)
+    return name
+
+
+def foreign_latent(comfy, kind: str) -> dict:
+    """A host node making a LATENT that is not a Mochi video latent."""
+    if kind == "sd_image":  # 1 x 4 x 6 x 8: Stable Diffusion's empty image latent
+        return {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 48,
+                                                             "batch_size": 1}}
+    shapes = {"zero_frames": (1, 12, 0, 6, 8), "16_channels": (1, 16, 2, 6, 8),
+              "image_12_channels": (1, 12, 6, 8)}
+    name = latent_file(comfy, f"foreign_{kind}.latent", shapes[kind])
+    return {"class_type": "LoadLatent", "inputs": {"latent": name}}
+
+
+@pytest.mark.parametrize(("kind", "node", "words"), [
+    ("sd_image", "sampler", ["latent", "4 channels", "EmptyLatentImage", "EmptyMochiLatentVideo",
+                             "Mochi 1 VAE Encode"]),
+    ("sd_image", "decode", ["samples", "4 channels", "EmptyLatentImage"]),
+    ("zero_frames", "sampler", ["latent", "0 latent frames", "at least 1"]),
+    ("zero_frames", "decode", ["samples", "0 latent frames", "at least 1"]),
+    ("16_channels", "sampler", ["latent", "16 channels", "12"]),
+    ("image_12_channels", "decode", ["samples", "1×12×6×8", "B × 12 × T × H/8 × W/8"]),
+])
+def test_a_latent_that_is_not_a_mochi_video_is_refused_first(comfy, kind, node, words):
+    """A LATENT is a link, known only when the node runs: its shape is checked first thing,
+    before the sampler samples or the decoder decodes, with a message saying what it got."""
+    prompt = base_prompt(comfy.demo_files, seed=41)
+    prompt["foreign"] = foreign_latent(comfy, kind)
+    prompt["save"]["inputs"]["filename_prefix"] = f"Mochi1/foreign_{kind}"
+    if node == "sampler":
+        prompt["sampler"]["inputs"]["latent"] = ["foreign", 0]
+    else:
+        prompt["decode"]["inputs"]["samples"] = ["foreign", 0]
+    with WsWatcher(comfy.url) as ws:
+        entry = comfy.run(prompt)
+        assert entry["status"]["status_str"] == "error", entry["status"]
+        assert ws.progress(entry["prompt"][1], node) == [], "the node started working"
+    (error,) = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
+    assert error["node_id"] == node, error["node_id"]
+    for word in words:
+        assert word in error["exception_message"], (word, error["exception_message"])
+    assert not list(comfy.output_dir.glob(f"Mochi1/foreign_{kind}*"))
+
+
+def test_images_beyond_the_frame_limit_are_refused_before_encoding(comfy):
+    """An IMAGE is a link too: the encoder checks its shape first (here 362 frames, one more
+    than the 361 the pack makes) instead of encoding it and failing later."""
+    prompt = base_prompt(comfy.demo_files, seed=43)
+    prompt["frames"] = {"class_type": "EmptyImage", "inputs": {
+        "width": 16, "height": 16, "batch_size": 362, "color": 0}}
+    prompt["encode"] = {"class_type": "Mochi1VAEEncode", "inputs": {
+        "encoder": ["vae", 1], "images": ["frames", 0], "frame_handling": "trim to 6k+1"}}
+    prompt["sampler"]["inputs"]["latent"] = ["encode", 0]
+    prompt["save"]["inputs"]["filename_prefix"] = "Mochi1/too_many_frames"
+    with WsWatcher(comfy.url) as ws:
+        entry = comfy.run(prompt)
+        assert entry["status"]["status_str"] == "error", entry["status"]
+        assert ws.progress(entry["prompt"][1], "encode") == [], "the encoder started"
+    (error,) = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
+    assert error["node_id"] == "encode", error
+    for word in ("images", "362", "361 frames"):
+        assert word in error["exception_message"], (word, error["exception_message"])

@@ -12,12 +12,15 @@ from __future__ import annotations
 import builtins
 import hashlib
 import importlib
+import json
 import os
 import pickle
 import shutil
 from pathlib import Path
 
 import pytest
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from tests.core.test_no_network import import_pack_nodes
 from tests.host.media import read_video, saved_files
@@ -50,6 +53,42 @@ def test_a_link_leaving_the_model_folders_is_refused(comfy, outside, node):
     prompt[node]["inputs"][field] = link.name
     text = assert_refused_cleanly(comfy, prompt, node)
     for words in (field, link.name, str(outside), "outside", "extra_model_paths.yaml"):
+        assert words in text, f"{words!r} not in {text!r}"
+
+
+def split_demo_dit(comfy, folder: Path, second: Path) -> str:
+    """The demo DiT as two shards with a diffusers-style index: the first shard in ``folder``
+    (the file chosen in the loader), the second at ``second``; returns the loader's name."""
+    src = comfy.base / "models" / "diffusion_models" / comfy.demo_files["dit"]
+    with safe_open(str(src), "pt") as f:
+        metadata = f.metadata()
+    sd = load_file(src)
+    keys = sorted(sd)
+    names = ["dit-00001-of-00002.safetensors", "dit-00002-of-00002.safetensors"]
+    folder.mkdir()
+    save_file({k: sd[k] for k in keys[::2]}, folder / names[0], metadata=metadata)
+    save_file({k: sd[k] for k in keys[1::2]}, second, metadata=metadata)
+    weight_map = {k: names[i % 2] for i, k in enumerate(keys)}
+    (folder / "dit.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return f"{folder.name}/{names[0]}"
+
+
+def test_a_shard_linking_out_of_the_model_folders_is_refused(comfy, tmp_path):
+    """The loader reads every shard an index beside the chosen file names; each one gets the
+    link rule: the split model runs with both shards inside, and is refused, naming the
+    shard, once the second shard is a link leaving the model folders."""
+    folder = comfy.base / "models" / "diffusion_models" / "sharded"
+    name = split_demo_dit(comfy, folder, tmp_path / "away.safetensors")
+    shard = folder / "dit-00002-of-00002.safetensors"
+    shutil.copyfile(tmp_path / "away.safetensors", shard)
+    prompt = base_prompt(comfy.demo_files, seed=35)
+    prompt["dit"]["inputs"]["dit_name"] = name
+    assert comfy.run(prompt)["status"]["status_str"] == "success"
+
+    shard.unlink()
+    shard.symlink_to(tmp_path / "away.safetensors")
+    text = assert_refused_cleanly(comfy, prompt, "dit")
+    for words in ("dit_name", shard.name, str(tmp_path / "away.safetensors"), "outside"):
         assert words in text, f"{words!r} not in {text!r}"
 
 

@@ -163,3 +163,60 @@ def test_compiled_blocks_run(comfy):
     log = comfy.log()
     assert "not compiling the DiT blocks" not in log
     assert "torch.compile of the DiT blocks failed" not in log
+
+
+def foreign_t5_file(comfy, kind: str) -> str:
+    """A file in models/text_encoders that holds no T5: a copy of the demo DiT or VAE, a
+    Stable Diffusion-like checkpoint, or a safetensors file with no tensors."""
+    folder, name = comfy.base / "models" / "text_encoders", f"not_t5_{kind}.safetensors"
+    if kind in ("dit", "vae"):
+        source = comfy.base / "models" / FOLDER_OF[kind] / comfy.demo_files[kind]
+        save_file(load_file(source), folder / name)
+    elif kind == "sd":
+        save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3),
+                   "first_stage_model.decoder.conv_in.weight": torch.zeros(4, 4, 3, 3)},
+                  folder / name)
+    else:
+        save_file({}, folder / name)
+    return name
+
+
+FOLDER_OF = {"dit": "diffusion_models", "vae": "vae"}
+
+
+@pytest.mark.parametrize(("kind", "words"), [
+    ("dit", ["looks like dit/genmo", "Mochi 1 DiT Loader"]),
+    ("vae", ["looks like vae/comfy_combined", "Mochi 1 VAE Loader"]),
+    ("sd", ["looks like", "another architecture"]),
+    ("empty", ["looks like", "no tensors"]),
+])
+def test_t5_loader_names_a_file_that_is_not_a_t5(comfy, kind, words):
+    """SECURITY.md's promise for the T5 loader too: the file's name, and what it looks like."""
+    name = foreign_t5_file(comfy, kind)
+    prompt = base_prompt(comfy.demo_files, seed=42)
+    prompt["t5"]["inputs"]["t5_name"] = name
+    entry = comfy.run(prompt)
+    assert entry["status"]["status_str"] == "error", entry["status"]
+    (error,) = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
+    assert error["node_type"] == "Mochi1TextEncoderLoader"
+    for word in [name, "no T5-XXL encoder found", *words]:
+        assert word in error["exception_message"], (word, error["exception_message"])
+
+
+def test_conditioning_of_another_width_is_refused_before_sampling(comfy):
+    """A CONDITIONING is a link: features of another text encoder (here a T5 of width 32 for a
+    DiT that reads 64) are refused first thing in the sampler, naming the input and both
+    widths, instead of failing inside the model."""
+    from mochi_core.demo import DemoT5Size, random_t5_state_dict
+
+    size = DemoT5Size(d_model=32, num_heads=2, d_kv=16)
+    name = "demo_t5_width_32.safetensors"
+    save_file(random_t5_state_dict(5, size), comfy.base / "models" / "text_encoders" / name)
+    prompt = base_prompt(comfy.demo_files, seed=44)
+    prompt["t5"]["inputs"]["t5_name"] = name
+    entry = comfy.run(prompt)
+    assert entry["status"]["status_str"] == "error", entry["status"]
+    (error,) = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
+    assert error["node_id"] == "sampler", error
+    for word in ("positive", "1×256×32", "B × L × 64", "Mochi 1 Text Encode"):
+        assert word in error["exception_message"], (word, error["exception_message"])

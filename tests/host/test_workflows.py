@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import time
 
-import numpy as np
 import pytest
 
 from mochi_api.workflow import ui_to_api
@@ -19,6 +18,7 @@ pytestmark = pytest.mark.host
 RUNNABLE = ["mochi1_text_to_video", "mochi1_fast_preview", "mochi1_chain_upscale_canny",
             "mochi1_video_to_video"]
 INPUT_VIDEO = "mochi1_input.mp4"
+SHIPPED_CLIP = ROOT / "workflows" / INPUT_VIDEO
 INPUT_FRAMES, INPUT_FPS = 15, 24  # not 6k+1: the workflow trims to 13
 TIMINGS = ROOT / "test-artifacts" / "workflow_runs.json"
 
@@ -32,15 +32,21 @@ def record_timing(name: str, seconds: float, outputs: dict) -> None:
 
 @pytest.fixture(scope="module")
 def input_video(comfy):
-    """A 15-frame 24 fps clip in the input folder, under the name the v2v workflow loads."""
-    from mochi_core.video import write_video
-
-    rng = np.random.default_rng(0)
-    frames = rng.integers(0, 255, (INPUT_FRAMES, 60, 80, 3), dtype=np.uint8)
+    """The shipped clip (``workflows/mochi1_input.mp4``, 15 frames at 24 fps), which the harness
+    places in the input folder under the name the video-to-video template loads."""
     path = comfy.input_dir / INPUT_VIDEO
-    if not path.exists():
-        write_video(frames, path, fps=INPUT_FPS, fmt="mp4")
+    assert path.is_file(), f"the harness did not place the shipped clip in {comfy.input_dir}"
+    assert path.read_bytes() == SHIPPED_CLIP.read_bytes()
     return path
+
+
+def test_the_shipped_clip_is_the_one_the_template_loads(api_prompts, input_video):
+    (load,) = [n for n in api_prompts["mochi1_video_to_video"].values()
+               if n["class_type"] == "LoadVideo"]  # fmt: skip
+    assert load["inputs"]["file"] == INPUT_VIDEO
+    info = read_video(input_video)
+    assert (info.frames, info.fps, info.width, info.height) == (INPUT_FRAMES, INPUT_FPS, 64, 48)
+    assert SHIPPED_CLIP.stat().st_size < 32_000, "the shipped clip should stay a few KB"
 
 
 def test_our_converter_matches_the_frontend(comfy, api_prompts):
