@@ -44,6 +44,17 @@ KNOWN_PREFIXES = ("text_encoders.t5xxl.transformer.", "t5xxl.transformer.", "")
 MAX_PROMPT_CHARS = 20_000
 
 
+def unicode_problem(name: str, value: str) -> str | None:
+    """A message when ``value`` is not valid Unicode text (it holds an unpaired surrogate, which
+    no file, JSON encoder or tokenizer takes), or None."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        return (f"{name} is not valid Unicode text (an unpaired surrogate at character "
+                f"{err.start}); remove it or re-type the text")
+    return None
+
+
 def prompt_problem(name: str, value: str) -> str | None:
     """Why ``value`` cannot be a prompt called ``name``, or None when it can.
 
@@ -56,11 +67,8 @@ def prompt_problem(name: str, value: str) -> str | None:
     if len(value) > MAX_PROMPT_CHARS:
         return (f"{name} is {len(value):,} characters long; at most {MAX_PROMPT_CHARS:,} are "
                 f"accepted (T5 reads only the first {MAX_TOKENS} tokens, about 1,000 characters)")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as err:
-        return (f"{name} is not valid Unicode text (an unpaired surrogate at character "
-                f"{err.start}); remove it or re-type the text")
+    if problem := unicode_problem(name, value):
+        return problem
     if "\x00" in value:
         return f"{name} holds a NUL character (at character {value.index(chr(0))}); remove it"
     return None

@@ -14,7 +14,7 @@ import torch
 from comfy.cli_args import args
 from comfy_api.latest import InputImpl, Types, io
 
-from mochi_core import video
+from mochi_core import text, video
 from mochi_core.pipeline import MAX_FPS, MIN_FPS
 
 from ._shared import CATEGORY, choice_error, first_error, image_error, require, schema_error
@@ -36,12 +36,7 @@ def _prefix_text_error(prefix) -> str | None:
         nul = " with a NUL byte" if "\x00" in prefix else ""
         return (f"filename_prefix must be at most {MAX_PREFIX} characters without NUL bytes; "
                 f"got {len(prefix)} characters{nul}")
-    try:
-        prefix.encode("utf-8")
-    except UnicodeEncodeError as err:
-        return (f"filename_prefix is not valid Unicode text (an unpaired surrogate at character "
-                f"{err.start}); file names must be valid Unicode")
-    return None
+    return text.unicode_problem("filename_prefix", prefix)
 
 
 def _prefix_bytes_error(prefix: str, output: str) -> str | None:

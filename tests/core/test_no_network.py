@@ -13,11 +13,8 @@
 from __future__ import annotations
 
 import ast
-import importlib
-import importlib.util
 import re
 import socket
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,7 +22,7 @@ import tomllib
 import torch
 
 from tests import netguard
-from tests.conftest import ROOT, import_host
+from tests.conftest import ROOT
 
 #: Top-level packages that are development tools, not part of the installed pack.
 NOT_THE_PACK = {"tests", "scripts", "bench"}
@@ -74,16 +71,9 @@ def test_loopback_stays_allowed():
 
 def import_pack_nodes():
     """The pack as the host imports it (a path-named package), with its node modules."""
-    import_host()
-    name = "mochi_pack_netcheck"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            name, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-        module._register_core()
-    return importlib.import_module(f"{name}.nodes")
+    from tests.host.inprocess import import_pack  # noqa: PLC0415
+
+    return import_pack()
 
 
 def test_the_pack_imports_and_generates_without_the_network(tmp_path):
