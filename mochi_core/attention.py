@@ -10,14 +10,19 @@ Every backend is an :data:`AttentionFn` ``(q, k, v, valid) -> out``:
 Backends by name:
 
 ``"sdpa"``
-    :func:`torch.nn.functional.scaled_dot_product_attention`; a ``valid`` mask becomes a boolean
-    key mask, so a batch whose samples have different text lengths runs in one call.
+    :func:`torch.nn.functional.scaled_dot_product_attention`. With a ``valid`` mask: on the CPU
+    one masked call; on a GPU each sample runs unmasked on its valid tokens, since a mask rules
+    out SDPA's flash kernel (:func:`sdpa_per_sample`, the same math).
 ``"flash"``
-    ``flash_attn_varlen_func``: the valid tokens of the whole batch are packed into one sequence
-    with ``cu_seqlens``, so ragged batches run in one call (CUDA, fp16/bf16 only).
+    ``flash_attn``: dense ``flash_attn_func`` without a mask; with one, ``flash_attn_varlen_func``
+    over the valid tokens of the whole batch packed into one sequence with ``cu_seqlens``
+    (fp16/bf16 kernels).
 ``"sage"``
     ``sageattention.sageattn``: no masks, so a ragged batch is run sample by sample (see
     :func:`attend`).
+
+flash and sage run only on CUDA tensors of a GPU with compute capability 8.0 or newer; any other
+call (CPU tensors under ComfyUI ``--cpu``, an older GPU) runs sdpa, with the reason logged once.
 
 Whether a backend accepts a ragged batch in one call is recorded in
 :attr:`AttentionBackend.ragged_batch`; :func:`attend` loops over the samples for the ones that
@@ -26,6 +31,7 @@ do not (and for plain callables that do not declare ``ragged_batch = True``).
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 from collections.abc import Callable
@@ -45,6 +51,9 @@ AttentionFn = Callable[
 BACKEND_NAMES = ("sdpa", "flash", "sage")
 
 _PACKAGES = {"flash": "flash_attn", "sage": "sageattention"}
+#: The oldest CUDA compute capability of the kernels each package ships: FlashAttention 2 and
+#: SageAttention 2 need Ampere (sm80) or newer.
+_MIN_CAPABILITY = {"flash": (8, 0), "sage": (8, 0)}
 
 
 @dataclass(frozen=True)
@@ -71,10 +80,39 @@ class AttentionBackend:
 def sdpa_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None
 ) -> torch.Tensor:
-    """Torch SDPA over ``B × heads × S × D``; invalid keys (``valid`` False) are masked out."""
+    """Torch SDPA over ``B × heads × S × D``; invalid keys (``valid`` False) are never attended.
+
+    On the CPU a ``valid`` mask becomes one boolean key mask (measured as fast as per-sample
+    calls there). On any other device a mask would rule out the flash kernel, so each sample
+    runs unmasked on its own valid tokens (:func:`sdpa_per_sample`).
+    """
     if valid is None:
         return F.scaled_dot_product_attention(q, k, v)
+    if q.device.type != "cpu":
+        return sdpa_per_sample(q, k, v, valid)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :])
+
+
+def sdpa_per_sample(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor
+) -> torch.Tensor:
+    """Unmasked SDPA per sample over its valid tokens; the rows of invalid tokens are zero.
+
+    The same math as the masked call: softmax over the valid keys only. Valid prefixes (the
+    DiT's [visual, text, padding] layout) are slices, so nothing is gathered; other patterns
+    are gathered and scattered back.
+    """
+    lengths = valid.sum(dim=1)
+    prefix = torch.arange(valid.shape[1], device=valid.device) < lengths[:, None]
+    if torch.equal(prefix, valid):
+        index = [slice(0, n) for n in lengths.tolist()]  # one host sync for the batch
+    else:
+        index = [row.nonzero().squeeze(1) for row in valid]
+    out = torch.zeros_like(q)
+    for b, tokens in enumerate(index):
+        sample = [t[b : b + 1, :, tokens] for t in (q, k, v)]
+        out[b : b + 1, :, tokens] = F.scaled_dot_product_attention(*sample)
+    return out
 
 
 def _half_dtype(t: torch.Tensor) -> torch.dtype:
@@ -85,17 +123,20 @@ def _half_dtype(t: torch.Tensor) -> torch.dtype:
 def _flash_varlen(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None
 ) -> torch.Tensor:
-    """flash_attn varlen over the valid tokens of ``B × heads × S × D`` inputs.
+    """flash_attn over ``B × heads × S × D`` inputs: varlen over the valid tokens of a mask.
 
-    The valid tokens of all samples are packed into one ``total × heads × D`` sequence with
-    cumulative lengths ``cu_seqlens`` (``B + 1``, int32); the output is scattered back and the
-    rows of invalid tokens are zero. fp32 inputs run in bf16 (flash_attn has no fp32 kernel).
+    Without a mask the dense ``flash_attn_func`` runs on ``B × S × heads × D`` views (no packing
+    copies). With one, the valid tokens of all samples are packed into one ``total × heads × D``
+    sequence with cumulative lengths ``cu_seqlens`` (``B + 1``, int32); the output is scattered
+    back and the rows of invalid tokens are zero. fp32 inputs run in bf16 (flash_attn has no
+    fp32 kernel).
     """
     flash_attn = importlib.import_module("flash_attn")
-    B, _, S, _ = q.shape
-    if valid is None:
-        valid = torch.ones(B, S, dtype=torch.bool, device=q.device)
     run_dtype = _half_dtype(q)
+    if valid is None:
+        dense = [t.transpose(1, 2).to(run_dtype) for t in (q, k, v)]  # (B, S, heads, D)
+        return flash_attn.flash_attn_func(*dense).transpose(1, 2).to(q.dtype)
+    B, _, S, _ = q.shape
     lengths = valid.sum(dim=1, dtype=torch.int32)
     cu_seqlens = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
     max_len = int(lengths.max())
@@ -130,7 +171,11 @@ def _sage(
 
 
 def _unavailable_reason(name: str) -> str | None:
-    """Why backend ``name`` cannot run here, or None when it can."""
+    """Why backend ``name`` cannot run on this machine at all, or None when it may.
+
+    Whether it runs on given tensors is decided per call from their device
+    (:func:`device_reason`).
+    """
     if name == "sdpa":
         return None
     package = _PACKAGES[name]
@@ -148,9 +193,55 @@ def available_backends() -> list[str]:
     return [name for name in BACKEND_NAMES if _unavailable_reason(name) is None]
 
 
+def device_reason(name: str, device: torch.device) -> str | None:
+    """Why kernel backend ``name`` (flash or sage) cannot run on tensors on ``device``, or None.
+
+    CPU (ComfyUI ``--cpu`` on a CUDA machine) and other non-CUDA tensors never go to the
+    kernels, nor do CUDA tensors on a GPU older than :data:`_MIN_CAPABILITY`.
+    """
+    package = _PACKAGES[name]
+    if device.type != "cuda":
+        return f"{package!r} runs on CUDA tensors only; these are on {device.type!r}"
+    have = tuple(torch.cuda.get_device_capability(device))
+    need = _MIN_CAPABILITY[name]
+    if have < need:
+        return (f"{package!r} needs compute capability {need[0]}.{need[1]} or newer; "
+                f"{device} has {have[0]}.{have[1]}")  # fmt: skip
+    return None
+
+
+@functools.cache
+def _warn_fallback(name: str, reason: str) -> None:
+    """Log once per backend and reason that a call ran on sdpa instead."""
+    log.warning("attention backend %r cannot run here (%s); using 'sdpa' instead", name, reason)
+
+
+def _flash(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None
+) -> torch.Tensor:
+    """:func:`_flash_varlen` where the tensors' device can run it, else sdpa with the same
+    output contract (rows of invalid tokens zero)."""
+    reason = device_reason("flash", q.device)
+    if reason is None:
+        return _flash_varlen(q, k, v, valid)
+    _warn_fallback("flash", reason)
+    return sdpa_attention(q, k, v, None) if valid is None else sdpa_per_sample(q, k, v, valid)
+
+
+def _sage_or_sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None
+) -> torch.Tensor:
+    """:func:`_sage` where the tensors' device can run it, else sdpa."""
+    reason = device_reason("sage", q.device)
+    if reason is None:
+        return _sage(q, k, v, valid)
+    _warn_fallback("sage", reason)
+    return sdpa_attention(q, k, v, valid)
+
+
 _SDPA = AttentionBackend("sdpa", sdpa_attention, ragged_batch=True)
-_FLASH = AttentionBackend("flash", _flash_varlen, ragged_batch=True)
-_SAGE = AttentionBackend("sage", _sage, ragged_batch=False)
+_FLASH = AttentionBackend("flash", _flash, ragged_batch=True)
+_SAGE = AttentionBackend("sage", _sage_or_sdpa, ragged_batch=False)
 
 
 def get_attention(name: str) -> AttentionBackend:
