@@ -172,8 +172,12 @@ class Sampler(io.ComfyNode):
                                         "characters."),
                 io.Combo.Input("batch_cfg", options=list(BATCH_CFG), default="auto",
                                tooltip="Run the positive and negative passes as one batch "
-                                       "(faster, more memory) or separately; 'auto' batches "
-                                       "when the model supports it."),
+                                       "(faster, more memory) or separately. 'auto' batches "
+                                       "with the sdpa and flash attention backends, which "
+                                       "take prompts of different lengths in one batch (on a "
+                                       "GPU each prompt's attention runs unmasked, so the "
+                                       "fast kernels apply), and runs them separately with "
+                                       "sage."),
                 MochiTiling.Input("tiling", optional=True,
                                   tooltip="Optional: run the DiT on overlapping tiles (Mochi 1 "
                                           "DiT Tiling) to bound memory on large videos."),
