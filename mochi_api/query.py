@@ -1,7 +1,8 @@
 """The query parameters of the API's routes: only the known ones, each given once, each valid.
 
 Pure Python (no ComfyUI or aiohttp import). ``POST /generate`` takes ``sync`` (a yes/no word)
-and ``timeout`` (seconds, at most the server's ``sync_timeout``); the job routes take none.
+and ``timeout`` (seconds, at most the server's ``sync_timeout``); the hosted API's route
+``POST /v1/mochi-1`` only ``timeout`` (it is always synchronous); the job routes take none.
 Problems are reported like the body's: ``{name: {"message", "allowed", "got"?}}``.
 """
 
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 TRUE = ("true", "1", "yes")
 FALSE = ("false", "0", "no")
 GENERATE = ("sync", "timeout")
+HOSTED = ("timeout",)
 #: Plain decimal seconds ("30", "2.5"): no sign, exponent, underscore, ``nan`` or ``inf``.
 SECONDS = re.compile(r"[0-9]{1,6}(\.[0-9]{0,6})?|\.[0-9]{1,6}")
 MIN_TIMEOUT = 1
@@ -77,8 +79,20 @@ def _timeout(value: str, limit: float) -> tuple[float, dict | None]:
 def check_generate(pairs: Iterable[tuple[str, str]],
                    sync_timeout: float) -> tuple[SyncOptions, dict[str, dict]]:
     """The options of ``POST /generate`` and the errors of its query (``{}`` when valid)."""
-    given = _grouped(pairs)
-    errors = _name_errors(given, GENERATE)
+    return _check_sync(_grouped(pairs), GENERATE, sync_timeout)
+
+
+def check_hosted(pairs: Iterable[tuple[str, str]],
+                 sync_timeout: float) -> tuple[SyncOptions, dict[str, dict]]:
+    """The options of the hosted API's route (``POST /v1/mochi-1``): always synchronous; only
+    ``timeout`` is taken (a client written for the hosted API sends none)."""
+    options, errors = _check_sync(_grouped(pairs), HOSTED, sync_timeout)
+    return SyncOptions(True, options.timeout), errors
+
+
+def _check_sync(given: dict[str, list[str]], known: tuple[str, ...],
+                sync_timeout: float) -> tuple[SyncOptions, dict[str, dict]]:
+    errors = _name_errors(given, known)
     sync_value = given.get("sync", ["false"])[-1]
     if "sync" not in errors and (error := _sync_error(sync_value)):
         errors["sync"] = error

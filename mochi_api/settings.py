@@ -7,6 +7,7 @@ environment variable overrides its key. Without an API key the routes are off (4
 | key | environment variable | default |
 |---|---|---|
 | ``api_key`` | ``MOCHI_API_KEY`` | none: the routes answer 404 |
+| ``read_key`` | ``MOCHI_API_READ_KEY`` | none (a key that may only read jobs: 403 on generate) |
 | ``width``, ``height`` | ``MOCHI_API_WIDTH``, ``MOCHI_API_HEIGHT`` | 848, 480 |
 | ``dit``, ``vae``, ``t5`` | ``MOCHI_API_DIT``, ``_VAE``, ``_T5`` | the bundled workflow's files |
 | ``max_queue`` | ``MOCHI_API_MAX_QUEUE`` | 8 (tasks in the host's queue, 429 beyond) |
@@ -25,9 +26,12 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-ENV = {"api_key": "MOCHI_API_KEY", "width": "MOCHI_API_WIDTH", "height": "MOCHI_API_HEIGHT",
+ENV = {"api_key": "MOCHI_API_KEY", "read_key": "MOCHI_API_READ_KEY",
+       "width": "MOCHI_API_WIDTH", "height": "MOCHI_API_HEIGHT",
        "dit": "MOCHI_API_DIT", "vae": "MOCHI_API_VAE", "t5": "MOCHI_API_T5",
        "max_queue": "MOCHI_API_MAX_QUEUE", "sync_timeout": "MOCHI_API_SYNC_TIMEOUT"}
+#: What a key may do: everything, or only read jobs and their videos.
+FULL, READ = "full", "read"
 INTEGERS = {"width": (16, 4096), "height": (16, 4096), "max_queue": (1, 10_000)}
 
 
@@ -38,6 +42,7 @@ class SettingsError(ValueError):
 @dataclass(frozen=True)
 class Settings:
     api_key: str
+    read_key: str | None = None
     width: int = 848
     height: int = 480
     dit: str | None = None
@@ -53,13 +58,22 @@ class Settings:
         (``surrogateescape``); encoding back the same way recovers the bytes sent, so a key of
         any bytes is compared, and never breaks the comparison. Text that no bytes decode to
         does not match."""
-        if given is None:
-            return False
-        try:
-            sent = given.encode("utf-8", "surrogateescape")
-        except UnicodeEncodeError:
-            return False
-        return hmac.compare_digest(sent, _key_bytes(self.api_key))
+        return given is not None and _same_key(given, self.api_key)
+
+    def key_role(self, given: str | None) -> str | None:
+        """``FULL`` for the API key, ``READ`` for the read-only key, None for anything else.
+        Both comparisons run, each in constant time, whichever key was sent."""
+        full = self.key_matches(given)
+        read = self.read_key is not None and given is not None and _same_key(given, self.read_key)
+        return FULL if full else READ if read else None
+
+
+def _same_key(given: str, key: str) -> bool:
+    try:
+        sent = given.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return False
+    return hmac.compare_digest(sent, _key_bytes(key))
 
 
 def _key_bytes(key: str) -> bytes:
@@ -101,17 +115,17 @@ def _check(raw: dict) -> dict:
                 raise SettingsError(f"sync_timeout: {value} must be positive")
         elif not isinstance(value, str):
             raise SettingsError(f"{name}: must be a string")
-        elif name == "api_key":
-            _check_key(value)
+        elif name in ("api_key", "read_key"):
+            _check_key(name, value)
         values[name] = value
     return values
 
 
-def _check_key(key: str) -> None:
+def _check_key(name: str, key: str) -> None:
     try:
         _key_bytes(key)
     except UnicodeEncodeError as err:
-        raise SettingsError("api_key: holds an unpaired surrogate (not text)") from err
+        raise SettingsError(f"{name}: holds an unpaired surrogate (not text)") from err
 
 
 def load(path: Path, env: Mapping[str, str] = os.environ) -> Settings | None:
@@ -129,4 +143,7 @@ def load(path: Path, env: Mapping[str, str] = os.environ) -> Settings | None:
     raw.update({name: env[var] for name, var in ENV.items() if env.get(var)})
     if not raw.get("api_key"):
         return None
-    return Settings(**_check(raw))
+    values = _check(raw)
+    if values.get("read_key") == values["api_key"]:
+        raise SettingsError("read_key: must differ from api_key")
+    return Settings(**values)
