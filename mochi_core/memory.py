@@ -21,6 +21,10 @@ caching and fragmentation, library workspaces, the Python process itself.
 the kernel's ``MemAvailable``. A limit can also be set for shared machines: the environment
 variable ``MOCHI_MEMORY_LIMIT_GB`` caps the memory one sampler or decoder run may plan to use.
 
+**32-bit indexing.** CUDA convolution kernels refuse tensors past 2^31 elements; the same
+decoder trace records the largest convolution input and output, and on a GPU the frame chunk
+(then the tile) is bounded by :data:`INDEX_LIMIT` before memory is considered.
+
 These are estimates: the traced peaks were compared with measured CPU peaks in the tests, not on
 a GPU.
 """
@@ -35,6 +39,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .dit import DiTConfig
 from .estimates import LiveBytes, trace_dit_activations
@@ -55,6 +60,9 @@ SAMPLER_STATE_COPIES = 8
 DIT_TILES = (768, 512, 384, 256)
 DECODE_TILES = (512, 384, 256, 128)
 DECODE_CHUNKS = (8, 4, 2, 1)
+#: The most elements one convolution input or output may have: CUDA convolution kernels index
+#: with 32 bits and refuse larger tensors (``canUse32BitIndexMath``), which is not an OOM.
+INDEX_LIMIT = 2**31 - 1
 
 
 class InsufficientMemoryError(RuntimeError):
@@ -267,22 +275,43 @@ def check_dit(job: DiTJob, device: torch.device | str, weights_on_device: int = 
 # The decoder
 
 
+class ConvSizes(TorchDispatchMode):
+    """Records the largest element count of any convolution input or output run under it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten.convolution.default:
+            self.largest = max(self.largest, args[0].numel(), out.numel())
+        return out
+
+
 @functools.lru_cache(maxsize=64)
-def _decoder_peak(config: DecoderConfig, latent: tuple[int, int, int, int], chunk: int,
-                  dtype: torch.dtype) -> int:
-    """Peak bytes of decoding the first two ``chunk``-frame chunks of a ``B × T × h × w``
-    latent tile (weights and input excluded), traced on meta."""
+def _decoder_trace(config: DecoderConfig, latent: tuple[int, int, int, int], chunk: int,
+                   dtype: torch.dtype) -> tuple[int, int]:
+    """(peak bytes, largest convolution input or output in elements) of decoding the first two
+    ``chunk``-frame chunks of a ``B × T × h × w`` latent tile (weights and input excluded),
+    traced on meta."""
     from .vae_tiling import stream_decode  # noqa: PLC0415  (vae_tiling imports this module)
 
     B, T, h, w = latent
     decoder = Decoder(config, device="meta", dtype=dtype)
     z = torch.empty(B, config.latent_channels, min(T, 2 * chunk), h, w, device="meta",
                     dtype=dtype)
-    tracker = LiveBytes()
-    with tracker, torch.no_grad():
+    tracker, convs = LiveBytes(), ConvSizes()
+    with tracker, convs, torch.no_grad():
         for _, pixels in stream_decode(decoder, z, chunk):
             del pixels
-    return tracker.peak
+    return tracker.peak, convs.largest
+
+
+def _decoder_peak(config: DecoderConfig, latent: tuple[int, int, int, int], chunk: int,
+                  dtype: torch.dtype) -> int:
+    """Peak bytes of decoding the first two ``chunk``-frame chunks (see :func:`_decoder_trace`)."""
+    return _decoder_trace(config, latent, chunk, dtype)[0]
 
 
 #: Frames per step of the conversion of decoded pixels to images (``vae_tiling.to_images``).
@@ -318,11 +347,22 @@ class DecodeJob:
         frames = min(IMAGE_CHUNK_FRAMES, B * decoded_frames(T))
         return 4 * self.config.out_channels * frames * h * w * 64
 
+    def _tile_latent(self) -> tuple[int, int, int, int]:
+        """``B × T × th × tw`` of the largest tile."""
+        B, _, T, h, w = self.latent_shape
+        th, tw = (h, w) if self.tile is None else (min(self.tile, h), min(self.tile, w))
+        return B, T, th, tw
+
+    def largest_conv(self) -> int:
+        """Elements of the largest convolution input or output of a decoder call (traced)."""
+        chunk = min(self.frames_per_chunk or self.latent_shape[2], self.latent_shape[2])
+        return _decoder_trace(self.config, self._tile_latent(), chunk, self.dtype)[1]
+
     def need(self) -> int:
         B, _, T, h, w = self.latent_shape
         chunk = min(self.frames_per_chunk or T, T)
-        th, tw = (h, w) if self.tile is None else (min(self.tile, h), min(self.tile, w))
-        work = _decoder_peak(self.config, (B, T, th, tw), chunk, self.dtype)
+        _, _, th, tw = self._tile_latent()
+        work = _decoder_peak(self.config, self._tile_latent(), chunk, self.dtype)
         tile_out = B * self.config.out_channels * decoded_frames(chunk) * th * tw * 64
         # the output, the blending weights (fp32, one per pixel) and one weighted chunk; after
         # the decode, the image conversion needs one chunk of frames next to the output
@@ -341,9 +381,59 @@ def fitting_decode(job: DecodeJob, available: int) -> DecodeJob | None:
     return None
 
 
+def _index_safe_chunk(job: DecodeJob) -> int | None:
+    """The most frames per chunk (at most ``job``'s) whose convolutions stay within
+    :data:`INDEX_LIMIT` at ``job``'s tile size, or None when not even one frame does.
+
+    The traced sizes grow about linearly with the chunk: the guess from chunks 1 and 2 is
+    checked by its own trace and lowered until it holds."""
+    def conv(chunk: int) -> int:
+        return dataclasses.replace(job, frames_per_chunk=chunk).largest_conv()
+
+    largest = min(job.frames_per_chunk or job.latent_shape[2], job.latent_shape[2])
+    one, two = conv(1), conv(2)
+    if one > INDEX_LIMIT:
+        return None
+    chunk = largest if two <= one else min(largest, 1 + (INDEX_LIMIT - one) // (two - one))
+    while chunk > 1 and conv(chunk) > INDEX_LIMIT:
+        chunk -= 1
+    return chunk
+
+
+def index_safe_decode(job: DecodeJob) -> DecodeJob:
+    """``job`` with the most frames per chunk, then (if one frame is too many) the largest tile
+    of :data:`DECODE_TILES`, whose convolutions stay within :data:`INDEX_LIMIT` elements.
+
+    Raises:
+        InsufficientMemoryError: when not even the smallest tile does.
+    """
+    if job.largest_conv() <= INDEX_LIMIT:
+        return job
+    candidates = [job] + [
+        dataclasses.replace(job, tile=px // 8, overlap=job.overlap or min(8, px // 32))
+        for px in DECODE_TILES if job.tile is None or px // 8 < job.tile
+    ]  # fmt: skip
+    for candidate in candidates:
+        chunk = _index_safe_chunk(candidate)
+        if chunk is not None:
+            safe = dataclasses.replace(candidate, frames_per_chunk=chunk)
+            log.warning("decoding %d latent frames per chunk (tile %s) instead of %s (tile %s): "
+                        "larger convolutions pass the 2^31 elements CUDA kernels index",
+                        chunk, safe.tile, job.frames_per_chunk or "all", job.tile)  # fmt: skip
+            return safe
+    raise InsufficientMemoryError(f"no decode setting keeps the convolutions of latents "
+                                  f"{job.latent_shape} under 2^31 elements")  # fmt: skip
+
+
 def check_decode(job: DecodeJob, device: torch.device | str) -> DecodeJob:
     """The job to run: ``job`` itself when it fits, else the same with smaller frame chunks
-    (exact), else :class:`InsufficientMemoryError` naming the tile sizes that would fit."""
+    (exact), else :class:`InsufficientMemoryError` naming the tile sizes that would fit.
+
+    Off the CPU the chunk (then the tile) is first bounded so that no convolution passes
+    :data:`INDEX_LIMIT` elements (:func:`index_safe_decode`); the CPU kernels index with 64 bits.
+    """
+    if torch.device(device).type != "cpu":
+        job = index_safe_decode(job)
     available, _ = free_bytes(device)
     if available is None:
         log.info("free memory of %s unknown; decoding without a memory check", device)

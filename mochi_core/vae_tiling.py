@@ -13,8 +13,9 @@ blended with linear ramps normalised by the summed weights. Tiles are not exact 
 frame's GroupNorm statistics are taken over the tile instead of the whole frame; each tile is
 streamed in time, so tiles and chunks combine.
 
-**Out of memory.** :func:`decode` catches ``torch.OutOfMemoryError``, logs it, and retries
-first with half as many frames per chunk (exact), then with half-size tiles (approximate).
+**Out of memory.** :func:`decode` catches ``torch.OutOfMemoryError``, and a CUDA kernel's
+``canUse32BitIndexMath`` refusal of a tensor past 2^31 elements, logs it, and retries first with
+half as many frames per chunk (exact), then with half-size tiles (approximate).
 
 **Encoder.** :func:`encode` tiles in space only. It does not stream in time, by decision: the
 encoder's temporal attention is causal, so caching every attention layer's keys and values
@@ -195,22 +196,37 @@ def _free_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+#: Text of the RuntimeError a CUDA kernel raises for a tensor past 2^31 elements.
+INDEX_MATH_ERROR = "canUse32BitIndexMath"
+
+
+def _too_large(error: RuntimeError) -> bool:
+    """Whether ``error`` is an OOM or a kernel's refusal of a tensor past 32-bit indexing; both
+    go away with smaller chunks or tiles."""
+    return isinstance(error, torch.OutOfMemoryError) or INDEX_MATH_ERROR in str(error)
+
+
 def _with_oom_retry(
     attempt: Callable[[int, int | None], torch.Tensor], frames_per_chunk: int,
     tile: int | None, grid: tuple[int, int], device: torch.device,
 ) -> torch.Tensor:
-    """Call ``attempt(frames_per_chunk, tile)``, shrinking both on ``torch.OutOfMemoryError``."""
+    """Call ``attempt(frames_per_chunk, tile)``, shrinking both on ``torch.OutOfMemoryError``
+    or on a kernel's ``canUse32BitIndexMath`` refusal (a tensor past 2^31 elements)."""
     while True:
         try:
             return attempt(frames_per_chunk, tile)
-        except torch.OutOfMemoryError:
+        except RuntimeError as error:
+            if not _too_large(error):
+                raise
+            why = "out of memory" if isinstance(error, torch.OutOfMemoryError) else (
+                "a tensor past 2^31 elements")  # fmt: skip
             smaller = _shrink(frames_per_chunk, tile, grid)
             if smaller is None:
-                log.error("VAE out of memory at the smallest setting (tile %s)", tile)
+                log.error("VAE %s at the smallest setting (tile %s)", why, tile)
                 raise
         log.warning(
-            "VAE out of memory with %d latent frame(s) per chunk and tile %s; retrying with %d "
-            "and tile %s", frames_per_chunk, tile, *smaller,
+            "VAE %s with %d latent frame(s) per chunk and tile %s; retrying with %d "
+            "and tile %s", why, frames_per_chunk, tile, *smaller,
         )
         frames_per_chunk, tile = smaller
         _free_memory(device)

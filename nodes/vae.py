@@ -85,7 +85,9 @@ class VAEDecode(io.ComfyNode):
                              tooltip="Overlap of neighbouring tiles in pixels, blended linearly."),
                 io.Int.Input("frame_chunk", default=0, min=0, max=64,
                              tooltip="Latent frames decoded per chunk (0 = all at once); the "
-                                     "result is the same, memory is lower."),
+                                     "result is the same, memory is lower. On a GPU it is "
+                                     "lowered to what fits in memory and keeps every "
+                                     "convolution under 2^31 elements (6 frames at 848×480)."),
             ],
             outputs=[io.Image.Output(tooltip="Frames × H × W × 3 in 0–1 (6T−5 frames).")],
         )

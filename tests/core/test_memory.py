@@ -243,3 +243,42 @@ def test_streamed_decode_memory_is_flat_in_clip_length():
     assert abs(long - short) <= 0.01 * short, (short, long)
     two_chunks = memory._decoder_peak(DecoderConfig(), (1, 28, 8, 8), 3, torch.float32)
     assert abs(two_chunks - long) <= 0.01 * long, (two_chunks, long)
+
+
+# 848 × 480 at full size: 28 latent frames (163 video frames) of 60 × 106 latents
+FULL_848 = (1, 12, 28, 60, 106)
+
+
+def test_full_size_decode_conv_sizes_are_traced_at_the_real_widths():
+    """The finest decoder level feeds a conv 128 × (6n + 2) × 482 × 850 elements for n frames."""
+    for n in (1, 6, 7):
+        job = memory.DecodeJob(DecoderConfig(), FULL_848, torch.bfloat16, n)
+        assert job.largest_conv() == 128 * (6 * n + 2) * 482 * 850
+    assert memory.DecodeJob(DecoderConfig(), FULL_848, torch.bfloat16, 7).largest_conv() \
+        > memory.INDEX_LIMIT
+
+
+@pytest.mark.parametrize("frames_per_chunk", [None, 8, 6, 2])
+def test_gpu_decode_chunk_keeps_every_conv_under_2_31_elements(monkeypatch, frames_per_chunk):
+    """On a 141 GB card, the whole clip or the largest chunk that fits (8) would pass 2^31."""
+    monkeypatch.setattr(memory, "free_bytes", lambda device: (141 * memory.GIB, True))
+    job = memory.DecodeJob(DecoderConfig(), FULL_848, torch.bfloat16, frames_per_chunk)
+    chosen = memory.check_decode(job, "cuda")
+    assert chosen.largest_conv() <= memory.INDEX_LIMIT
+    assert chosen.frames_per_chunk == min(frames_per_chunk or 6, 6)  # the most that stays under
+    assert chosen.tile is None
+    # the CPU kernels index with 64 bits: the whole clip (85 GiB) fits and is kept
+    assert memory.check_decode(job, "cpu").frames_per_chunk == (frames_per_chunk or 28)
+
+
+def test_index_limit_falls_back_to_tiles_when_one_frame_is_too_many(monkeypatch):
+    # no supported size needs it at 2^31 (one frame at 848 × 480 is 0.42e9 elements), so the
+    # limit is lowered below one frame to check that the largest tile under it is taken
+    job = memory.DecodeJob(DecoderConfig(), (1, 12, 4, 60, 106), torch.bfloat16, None)
+    one = dataclasses.replace(job, frames_per_chunk=1).largest_conv()
+    monkeypatch.setattr(memory, "INDEX_LIMIT", one - 1)
+    safe = memory.index_safe_decode(job)
+    assert safe.tile == 512 // 8 and safe.overlap == 8 and safe.largest_conv() <= one - 1
+    monkeypatch.setattr(memory, "INDEX_LIMIT", 1000)
+    with pytest.raises(memory.InsufficientMemoryError, match="2\\^31"):
+        memory.index_safe_decode(job)

@@ -222,3 +222,27 @@ def test_tiled_encode(record_property):
     assert tiled.shape == reference.shape == (1, 12, 1, 6, 6)
     assert calls[-1] == (4, 4)
     assert relative_error(tiled, reference) <= 0.25  # measured 0.23 (4-latent tiles: coarse GN)
+
+
+class IndexMathRecorder(Recorder):
+    """A Recorder whose failing calls raise what a CUDA kernel raises for a tensor past 2^31."""
+
+    def forward(self, z: torch.Tensor, cache: CausalCache | None = None) -> torch.Tensor:
+        self.frames.append(z.shape[2])
+        if len(self.frames) in self.fail_calls:
+            raise RuntimeError("Expected canUse32BitIndexMath(input) && "
+                               "canUse32BitIndexMath(output) to be true, but got false.")
+        return self.inner(z, cache)
+
+
+def test_index_math_refusal_retries_like_an_oom(decoder, clip, clip_pixels, caplog):
+    flaky = IndexMathRecorder(decoder, fail_calls={1})
+    with caplog.at_level(logging.WARNING, logger="mochi_core.vae_tiling"):
+        out = vae_tiling.decode(flaky, clip, frames_per_chunk=4)
+    assert flaky.frames == [4, 2, 2]  # refused at 4 frames, retried with 2 per chunk
+    assert relative_error(out, clip_pixels) <= EXACT
+    assert "2^31 elements" in caplog.text and "retrying with 2" in caplog.text
+    other = Recorder(decoder)
+    other.forward = lambda z, cache=None: (_ for _ in ()).throw(RuntimeError("shape mismatch"))
+    with pytest.raises(RuntimeError, match="shape mismatch"):  # other errors are not retried
+        vae_tiling.decode(other, clip, frames_per_chunk=4)
