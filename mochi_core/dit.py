@@ -207,18 +207,65 @@ def rope_positions(
 
 
 def rope_rotation(pos_frequencies: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Unit complex rotations ``exp(i·θ)``, θ = Σ_axis pos·freq; (N, heads, head_dim/2) complex64.
+    """Rotations ``(cos θ, sin θ)``, θ = Σ_axis pos·freq; (N, heads, head_dim/2, 2) fp32.
 
-    pos_frequencies (3, heads, head_dim/2) and positions (N, 3) are used in fp32.
+    pos_frequencies (3, heads, head_dim/2) and positions (N, 3) are used in fp32. Real cos/sin
+    rather than complex64 ``exp(i·θ)`` (the same values, the same bytes): inductor generates no
+    code for complex tensors, so a complex rotation would split every compiled block.
     """
     angles = torch.einsum("na,ahf->nhf", positions.float(), pos_frequencies.float())
-    return torch.polar(torch.ones_like(angles), angles)
+    return torch.stack([torch.cos(angles), torch.sin(angles)], dim=-1)
 
 
 def apply_rope(t: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (2i, 2i+1) of fp32 ``t`` (B, N, heads, D) by (N, heads, D/2)."""
-    pairs = torch.view_as_complex(t.unflatten(-1, (-1, 2)).contiguous())
-    return torch.view_as_real(pairs * rotation).flatten(-2)
+    """Rotate interleaved pairs (2i, 2i+1) of fp32 ``t`` (B, N, heads, D) by ``rotation``
+    (N, heads, D/2, 2) of :func:`rope_rotation`: ``(a·cos − b·sin, a·sin + b·cos)``."""
+    pairs = t.unflatten(-1, (-1, 2))  # (B, N, heads, D/2, 2)
+    a, b = pairs[..., 0], pairs[..., 1]
+    cos, sin = rotation[..., 0], rotation[..., 1]
+    return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2)
+
+
+class RopeCache:
+    """The last rotation :func:`rope_rotation` built, reused while its inputs are unchanged.
+
+    The rotation is constant per (frequencies, positions, device) but large (547 MB in fp32 at
+    44,520 tokens × 24 heads × 64 pairs), so rebuilding it at every step costs time and
+    allocator churn. Only the last entry is kept (a new shape or tile replaces it, nothing
+    accumulates). A hit needs equal frequency *values* (a LoRA patch, an in-place edit or a
+    moved weight of the same values are all caught by comparing the 4,608 numbers, not by
+    ``data_ptr``) and equal positions. Meta tensors and a rotation that autograd tracks are
+    never cached.
+    """
+
+    def __init__(self) -> None:
+        self._key: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._rotation: torch.Tensor | None = None
+
+    def clear(self) -> None:
+        """Drop the cached rotation (frees its memory)."""
+        self._key = self._rotation = None
+
+    def get(self, pos_frequencies: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """:func:`rope_rotation` of the arguments (on their device), cached."""
+        if pos_frequencies.is_meta or positions.is_meta or (
+            torch.is_grad_enabled() and pos_frequencies.requires_grad
+        ):  # nothing to compare, or a result tied to this call's autograd graph
+            return rope_rotation(pos_frequencies, positions)
+        if self._key is not None and self._matches(pos_frequencies, positions):
+            return self._rotation
+        self.clear()  # the old rotation is freed before the new one is built
+        rotation = rope_rotation(pos_frequencies, positions)
+        self._key = (pos_frequencies.detach().clone(), positions.detach().clone())
+        self._rotation = rotation
+        return rotation
+
+    def _matches(self, pos_frequencies: torch.Tensor, positions: torch.Tensor) -> bool:
+        freqs, pos = self._key
+        return all(
+            a.device == b.device and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+            for a, b in ((freqs, pos_frequencies), (pos, positions))
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -303,17 +350,20 @@ class AttentionPool(nn.Module):
         return self.to_out(rearrange(pooled, "b h s d -> b (s h d)"))
 
 
+def qk_norm(t: torch.Tensor, weight: torch.Tensor, rotation: torch.Tensor | None) -> torch.Tensor:
+    """Per-head RMSNorm (eps 1e-5) with an fp32 ``weight`` (D,), then RoPE when ``rotation`` is
+    given, on t (B, S, heads, D); returns a new fp32 tensor of that shape."""
+    t32 = t.float()
+    normed = (t32 * inv_rms(t32, QK_NORM_EPS)).mul_(weight)  # new, contiguous
+    return normed if rotation is None else apply_rope(normed, rotation)
+
+
 def qk_norm_(
     t: torch.Tensor, weight: torch.Tensor, rotation: torch.Tensor | None, out: torch.Tensor
 ) -> torch.Tensor:
-    """Per-head RMSNorm (eps 1e-5) with an fp32 ``weight`` (D,), then RoPE when ``rotation`` is
-    given, computed in fp32 on t (B, S, heads, D) and written into ``out`` (same shape, its own
-    dtype, e.g. a slice of the joint q buffer); returns ``out``."""
-    t32 = t.float()
-    normed = (t32 * inv_rms(t32, QK_NORM_EPS)).mul_(weight)  # new, contiguous
-    if rotation is not None:
-        normed = apply_rope(normed, rotation)
-    return out.copy_(normed)
+    """:func:`qk_norm` written into ``out`` (same shape, its own dtype, e.g. a slice of the
+    joint q buffer); returns ``out``."""
+    return out.copy_(qk_norm(t, weight, rotation))
 
 
 class FeedForward(nn.Module):
@@ -370,20 +420,49 @@ class AsymmetricAttention(_KeepsFp32):
         B, N, _ = x.shape
         qkv_x = self.qkv_x(x).unflatten(-1, (3, self.num_heads, -1))  # (B, N, 3, heads, D)
         qkv_y = self.qkv_y(y).unflatten(-1, (3, self.num_heads, -1))  # (B, L, 3, heads, D)
-        # q, k, v of the joint sequence [visual, text] are written into one buffer each, so the
-        # normed halves need no concatenation; heads-first views of them go to the backend.
-        S = N + qkv_y.shape[1]
-        q, k, v = x.new_empty(3, B, S, *qkv_x.shape[-2:]).unbind(0)  # (B, S, heads, D) each
-        fp32 = torch.float32
-        qk_norm_(qkv_x[:, :, 0], self.q_norm_x(x.device, fp32), rotation, q[:, :N])
-        qk_norm_(qkv_y[:, :, 0], self.q_norm_y(x.device, fp32), None, q[:, N:])
-        qk_norm_(qkv_x[:, :, 1], self.k_norm_x(x.device, fp32), rotation, k[:, :N])
-        qk_norm_(qkv_y[:, :, 1], self.k_norm_y(x.device, fp32), None, k[:, N:])
-        v[:, :N], v[:, N:] = qkv_x[:, :, 2], qkv_y[:, :, 2]
+        if torch.compiler.is_compiling():
+            q, k, v = self._joint_qkv_cat(qkv_x, qkv_y, rotation, x.dtype)
+        else:
+            q, k, v = self._joint_qkv_buffers(qkv_x, qkv_y, rotation, x.dtype)
         del qkv_x, qkv_y
         out = attend(attention, *(t.transpose(1, 2) for t in (q, k, v)), valid)
         out = rearrange(out, "b h s d -> b s (h d)")
         return self.proj_x(out[:, :N]), self.proj_y(out[:, N:])
+
+
+    def _joint_qkv_buffers(
+        self, qkv_x: torch.Tensor, qkv_y: torch.Tensor, rotation: torch.Tensor,
+        dtype: torch.dtype,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+        """q, k, v (B, N+L, heads, D) of the joint sequence [visual, text] from qkv_x
+        (B, N, 3, heads, D) and qkv_y (B, L, 3, heads, D), each written into one buffer, so the
+        normed halves need no concatenation."""
+        (B, N, _, heads, D), fp32, dev = qkv_x.shape, torch.float32, qkv_x.device
+        S = N + qkv_y.shape[1]
+        q, k, v = qkv_x.new_empty(3, B, S, heads, D, dtype=dtype).unbind(0)
+        qk_norm_(qkv_x[:, :, 0], self.q_norm_x(dev, fp32), rotation, q[:, :N])
+        qk_norm_(qkv_y[:, :, 0], self.q_norm_y(dev, fp32), None, q[:, N:])
+        qk_norm_(qkv_x[:, :, 1], self.k_norm_x(dev, fp32), rotation, k[:, :N])
+        qk_norm_(qkv_y[:, :, 1], self.k_norm_y(dev, fp32), None, k[:, N:])
+        v[:, :N], v[:, N:] = qkv_x[:, :, 2], qkv_y[:, :, 2]
+        return q, k, v
+
+    def _joint_qkv_cat(
+        self, qkv_x: torch.Tensor, qkv_y: torch.Tensor, rotation: torch.Tensor,
+        dtype: torch.dtype,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+        """:meth:`_joint_qkv_buffers` by concatenation, for ``torch.compile``: inductor fuses
+        the concatenation, and writing into slices of one buffer made the traced graph
+        specialise on N + L (a recompile per token count)."""
+        fp32, dev = torch.float32, qkv_x.device
+        norms = ((self.q_norm_x, self.q_norm_y), (self.k_norm_x, self.k_norm_y))
+        q, k = (
+            torch.cat([qk_norm(qkv_x[:, :, i], norm_x(dev, fp32), rotation).to(dtype),
+                       qk_norm(qkv_y[:, :, i], norm_y(dev, fp32), None).to(dtype)], dim=1)
+            for i, (norm_x, norm_y) in enumerate(norms)
+        )  # fmt: skip
+        v = torch.cat([qkv_x[:, :, 2], qkv_y[:, :, 2]], dim=1).to(dtype)
+        return q, k, v
 
 
 class AsymmetricJointBlock(nn.Module):
@@ -438,9 +517,16 @@ MLP_CHUNK = 4096
 def mlp_residual_(
     x: torch.Tensor, mlp: nn.Module, scale: torch.Tensor, gate: torch.Tensor
 ) -> torch.Tensor:
-    """In place ``x += RMSNorm(mlp(modulated_rmsnorm(x, scale)))·tanh(gate)``; returns x."""
-    for rows in token_chunks(x.shape[1], MLP_CHUNK):
-        chunk = x[:, rows]
+    """In place ``x += RMSNorm(mlp(modulated_rmsnorm(x, scale)))·tanh(gate)``; returns x.
+
+    Under ``torch.compile`` the chunks are ``MLP_CHUNK`` tokens long but for the last: the
+    near-equal cut of :func:`token_chunks` would specialise the graph on the token count.
+    """
+    if torch.compiler.is_compiling():
+        chunks = x.split(MLP_CHUNK, dim=1)
+    else:
+        chunks = [x[:, rows] for rows in token_chunks(x.shape[1], MLP_CHUNK)]
+    for chunk in chunks:
         add_gated_(chunk, mlp(modulated_rmsnorm(chunk, scale)), gate)
     return x
 
@@ -550,6 +636,7 @@ class AsymmDiT(_KeepsFp32):
             AsymmetricJointBlock(c, i < c.depth - 1, *args) for i in range(c.depth)
         )
         self.final_layer = FinalLayer(c, *args)
+        self.rope_cache = RopeCache()  # not a module or buffer: never in the state dict
 
     @property
     def pos_frequencies(self) -> torch.Tensor:
@@ -615,7 +702,7 @@ class AsymmDiT(_KeepsFp32):
         if rope_pos is None:
             rope_pos = rope_positions(T, H // p, W // p, device=x.device)
         assert rope_pos.shape == (N, 3), f"rope_pos must be ({N}, 3), got {tuple(rope_pos.shape)}"
-        rotation = rope_rotation(self.rope(x.device, torch.float32), rope_pos.to(x.device))
+        rotation = self.rope_cache.get(self.rope(x.device, torch.float32), rope_pos.to(x.device))
         valid = None
         if not bool((lengths == L).all()):
             valid = F.pad(y_mask, (N, 0), value=True)  # (B, N + L)

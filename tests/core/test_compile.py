@@ -112,3 +112,32 @@ def test_compiled_blocks_under_offload_hooks_equal_eager():
     assert compiled.active and offload.stats.max_resident == 1
     offload.remove()
     compiled.remove()
+
+
+DEEP = DemoDiTSize(depth=10, hidden_x=32, hidden_y=32, heads=2, mlp_x=64, mlp_y=64, t5_dim=16)
+
+
+def test_inductor_compiles_ten_blocks_to_two_graphs():
+    """All full blocks share one inductor graph and the last block has its own: no graph break
+    (the complex RoPE used to split every block), and a second token count and text length
+    reuse them (only the token dimensions are dynamic, so no recompile per block)."""
+    from torch._inductor.compile_fx import compile_fx  # noqa: PLC0415
+
+    graphs = []
+
+    def counting_inductor(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return compile_fx(graph_module, example_inputs)
+
+    sd = random_dit_state_dict(0, DEEP)
+    model = AsymmDiT(DiTConfig.from_state_dict(sd))
+    model.load_state_dict(sd)
+    model.eval()
+    cases = [inputs(2, 5), inputs(3, 9)]
+    expected = [run(model, *case) for case in cases]
+    handle = dit_compile.compile_blocks(model, backend=counting_inductor)
+    outs = [run(model, *case) for case in cases]
+    assert handle.active, handle.reason
+    assert len(graphs) <= 2, f"{len(graphs)} graphs"
+    for out, want in zip(outs, expected, strict=True):
+        torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)

@@ -201,10 +201,11 @@ def test_rope_stays_fp32_with_bf16_weights():
     assert model.resolved_compute_dtype() == torch.bfloat16
     pos = rope_positions(2, 4, 6)
     rot = rope_rotation(model.pos_frequencies, pos)
-    assert rot.dtype == torch.complex64
+    assert rot.dtype == torch.float32 and rot.shape == (48, TINY.num_heads, TINY.head_dim // 2, 2)
     exact = torch.einsum("na,ahf->nhf", pos.double(), model.pos_frequencies.double())
-    assert torch.allclose(torch.angle(rot).double(), torch.atan2(exact.sin(), exact.cos()),
-                          atol=1e-4)  # fmt: skip
+    angle = torch.atan2(rot[..., 1], rot[..., 0]).double()
+    assert torch.allclose(angle, torch.atan2(exact.sin(), exact.cos()), atol=1e-4)
+    assert torch.allclose(rot.double().norm(dim=-1), torch.ones(()).double(), atol=1e-6)
 
 
 def test_bf16_storage_is_close_to_fp32(model):
