@@ -16,6 +16,7 @@ from types import ModuleType
 from tests.conftest import HOST_DIR, ROOT, import_host
 
 PACKAGE = "mochi_nodes_under_test"
+HOST_NODES = "comfy_host_nodes_under_test"
 FOLDERS = ("diffusion_models", "vae", "text_encoders", "loras")
 
 
@@ -34,6 +35,26 @@ def import_pack(cpu: bool = True) -> ModuleType:
         spec.loader.exec_module(pack)
         pack._register_core()
     return importlib.import_module(f"{PACKAGE}.nodes")
+
+
+def host_nodes() -> ModuleType:
+    """The host's own ``nodes.py`` (ConditioningConcat and the other core nodes).
+
+    ``import nodes`` is ambiguous in this process: the repository root is on ``sys.path`` too, and
+    its ``nodes/`` package may have been imported first under that name by another test. The
+    host's module is therefore taken from its file, under a name of its own when ``nodes`` is
+    already something else."""
+    import_host()
+    path = (HOST_DIR / "nodes.py").resolve()
+    for name in ("nodes", HOST_NODES):
+        module = sys.modules.get(name)
+        if module is not None and Path(getattr(module, "__file__", "") or "").resolve() == path:
+            return module
+    spec = importlib.util.spec_from_file_location(HOST_NODES, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[HOST_NODES] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def use_model_folder(folder: Path) -> None:

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from mochi_core import checkpoints, demo, lora, memory
 from mochi_core.estimates import LiveBytes
 from mochi_core.text import TextConditioning
-from tests.host.inprocess import import_pack, use_model_folder
+from tests.host.inprocess import host_nodes, import_pack, use_model_folder
 
 pytestmark = pytest.mark.host
 
@@ -305,10 +305,10 @@ def real_tokens(cond) -> torch.Tensor:
 def test_conditioning_concat_attends_both_prompts_real_tokens(pack, prompts):
     """ConditioningConcat joins the features and keeps the first mask: the sampler uses the
     real tokens of both prompts (the second's padding reads as padding), as if encoded so."""
-    import nodes as host_nodes  # noqa: PLC0415  (the host's own nodes.py)
+    core_nodes = host_nodes()  # the host's own nodes.py
 
     first, second, _ = prompts
-    (joined,) = host_nodes.ConditioningConcat().concat(first, second)
+    (joined,) = core_nodes.ConditioningConcat().concat(first, second)
     got = pack.sampling.conditioning_to_text(joined)
     want = torch.cat([real_tokens(first), real_tokens(second)])
     length = want.shape[0]
@@ -322,11 +322,11 @@ def test_conditioning_concat_attends_both_prompts_real_tokens(pack, prompts):
 
 
 def test_average_and_zero_out_conditioning_are_accepted(pack, prompts):
-    import nodes as host_nodes  # noqa: PLC0415
+    core_nodes = host_nodes()  # the host's own nodes.py
 
     first, second, empty = prompts
-    (average,) = host_nodes.ConditioningAverage().addWeighted(first, second, 0.5)
-    (zeroed,) = host_nodes.ConditioningZeroOut().zero_out(first)
+    (average,) = core_nodes.ConditioningAverage().addWeighted(first, second, 0.5)
+    (zeroed,) = core_nodes.ConditioningZeroOut().zero_out(first)
     model = checkpoints.load_dit(pack.files["folder"] / pack.files["dit"])
     x, sigma, _, _ = dit_inputs(model.config)
     for cond in (average, zeroed, empty):
@@ -336,13 +336,13 @@ def test_average_and_zero_out_conditioning_are_accepted(pack, prompts):
 
 
 def test_conditioning_the_sampler_cannot_honour_is_refused_by_name(pack, prompts):
-    import nodes as host_nodes  # noqa: PLC0415
+    core_nodes = host_nodes()  # the host's own nodes.py
 
     first, second, _ = prompts
-    (combined,) = host_nodes.ConditioningCombine().combine(first, second)
+    (combined,) = core_nodes.ConditioningCombine().combine(first, second)
     with pytest.raises(ValueError, match="2 conditionings.*ConditioningCombine"):
         pack.sampling.conditioning_to_text(combined)
-    (ranged,) = host_nodes.ConditioningSetTimestepRange().set_range(first, 0.2, 0.8)
+    (ranged,) = core_nodes.ConditioningSetTimestepRange().set_range(first, 0.2, 0.8)
     with pytest.raises(ValueError, match="cannot honour start_percent, end_percent"):
         pack.sampling.conditioning_to_text(ranged)
 
