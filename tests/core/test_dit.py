@@ -331,14 +331,27 @@ def _fake_sage(q, k, v, tensor_layout, is_causal):
 
 @pytest.fixture
 def fake_kernels(monkeypatch):
-    """Installs stand-ins for flash_attn and sageattention and pretends a CUDA device exists."""
+    """Installs stand-ins for flash_attn and sageattention, pretends a CUDA device exists and
+    that these CPU tensors are on one the kernels run on; returns the names of the kernels called
+    (so a test knows the stand-in ran, not the sdpa fallback)."""
     import sys
     import types
 
-    monkeypatch.setitem(sys.modules, "flash_attn",
-                        types.SimpleNamespace(flash_attn_varlen_func=_fake_varlen))  # fmt: skip
-    monkeypatch.setitem(sys.modules, "sageattention", types.SimpleNamespace(sageattn=_fake_sage))
+    calls = []
+
+    def recorded(name, kernel):
+        def call(*args, **kwargs):
+            calls.append(name)
+            return kernel(*args, **kwargs)
+        return call
+
+    monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(
+        flash_attn_varlen_func=recorded("flash_varlen", _fake_varlen)))  # fmt: skip
+    monkeypatch.setitem(sys.modules, "sageattention",
+                        types.SimpleNamespace(sageattn=recorded("sage", _fake_sage)))  # fmt: skip
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(attn, "device_reason", lambda name, device: None)
+    return calls
 
 
 def test_flash_varlen_packs_valid_tokens(fake_kernels):
@@ -353,6 +366,7 @@ def test_flash_varlen_packs_valid_tokens(fake_kernels):
     # rows of valid tokens agree (bf16 rounding); rows of padded tokens are zero
     assert rel_err(out.transpose(1, 2)[valid], ref.transpose(1, 2)[valid]) < 1e-2
     assert torch.equal(out[1, :, 4:], torch.zeros_like(out[1, :, 4:]))
+    assert fake_kernels == ["flash_varlen"]
 
 
 def test_sage_model_loops_over_a_ragged_batch(fake_kernels, model):
@@ -361,6 +375,7 @@ def test_sage_model_loops_over_a_ragged_batch(fake_kernels, model):
     x, sigma, y_feat, y_mask = inputs([7, 15])
     out = run(sage, x, sigma, y_feat, y_mask)  # _fake_sage asserts it never sees a mask
     assert rel_err(out, run(model, x, sigma, y_feat, y_mask)) < 2e-2  # attention in bf16
+    assert fake_kernels and set(fake_kernels) == {"sage"}
 
 
 # ------------------------------------------------------------------------------ MLP chunking
