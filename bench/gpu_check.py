@@ -12,8 +12,8 @@ ends (so a run killed at its limit still returns what it did):
                       chunk the memory check chose, equality to a chunk-1 decode, the 2^31 guard
                       (largest conv input traced on meta; an unguarded chunk of 8 on the GPU)
 ``memory``            the peaks of both sections above against their estimates, side by side
-``fp8``               fp8 storage (cast per layer) and the fp8 fast mode of ``mochi_core.ops`` when
-                      it has one: time per step and relative error against bf16
+``fp8``               fp8 storage (cast per layer) and fp8 fast (``mochi_core.ops.fp8_fast``, its
+                      ``_scaled_mm`` calls counted): time per step, error against bf16
 ``peers``             the same forward in diffusers' ``MochiTransformer3DModel`` and the host's
                       ``comfy.ldm.genmo`` model: time ratio and relative difference to ours
 ``offload``           ``offload_blocks`` with prefetch at resident 4 and 8 against fully resident
@@ -498,31 +498,33 @@ def sec_memory(ck: Check) -> dict:
     return {"figures": figures, "rows": rows}
 
 
-def fp8_fast_namespace() -> tuple[str, object] | None:
-    """An fp8 fast operations namespace of ``mochi_core.ops`` (a name with 'fast' that has a
-    ``Linear``), or None while the core has none."""
-    for name in sorted(dir(ops)):
-        obj = getattr(ops, name)
-        if "fast" in name.lower() and hasattr(obj, "Linear"):
-            return name, obj
-    return None
+def count_scaled_mm(fn: Callable[[], object]) -> int:
+    """Runs ``fn`` once and returns how many ``torch._scaled_mm`` calls it made."""
+    calls, real = [0], torch._scaled_mm
+
+    def counting(*args, **kwargs):
+        calls[0] += 1
+        return real(*args, **kwargs)
+
+    torch._scaled_mm = counting
+    try:
+        fn()
+    finally:
+        torch._scaled_mm = real
+    return calls[0]
 
 
 def sec_fp8(ck: Check) -> dict:
     frames, figures, skipped, rows = ck.frames[0], {}, {}, []
     ref = ck.reference(frames)
-    variants = [("storage", ops.cast)]
-    fast = fp8_fast_namespace()
-    if fast is None:
-        skipped["fast"] = ("mochi_core.ops has no fp8 fast operations (looked for a namespace "
-                           "whose name has 'fast' and which has a Linear)")  # fmt: skip
-    else:
-        variants.append((f"fast ({fast[0]})", fast[1]))
+    variants = [("storage", ops.cast), ("fast", ops.fp8_fast)]
+    if (problem := ops.fp8_compute_problem(ck.device)) is not None:
+        skipped["fast_matmul"] = f"fast mode casts here: {problem}"
     for label, operations in variants:
         try:
             model8 = dit_copy(ck.model, to_fp8, operations)
             step = ck.step(model8, frames, sampling.supports_batched_text(model8))
-            step()
+            calls = count_scaled_mm(step)
             r = repeat(ck, step, ck.reps, limit=20)
             err = rel_err(ck.forward(model8, frames)(), ref)
         except Exception as error:  # noqa: BLE001 - one variant failing keeps the other
@@ -531,8 +533,10 @@ def sec_fp8(ck: Check) -> dict:
         finally:
             model8 = None
             free(ck.device)
-        figures[label] = {"s_per_step": r["s"], "times_s": r["times_s"], "rel_err_vs_bf16": err}
-        rows.append(f"fp8 {label} {frames}f: {r['s']:.3f} s/step, rel err vs bf16 {err:.2e}")
+        figures[label] = {"s_per_step": r["s"], "times_s": r["times_s"], "rel_err_vs_bf16": err,
+                          "scaled_mm_calls_per_step": calls}  # fmt: skip
+        rows.append(f"fp8 {label} {frames}f: {r['s']:.3f} s/step, rel err vs bf16 {err:.2e}, "
+                    f"{calls} _scaled_mm calls")
     if not figures:
         raise Skip("; ".join(f"{k}: {v}" for k, v in skipped.items()))
     return {"figures": figures, "skipped": skipped, "rows": rows}
@@ -774,12 +778,12 @@ def run_section(ck: Check, name: str) -> dict:
 
 
 def capabilities(ck: Check) -> dict:
-    fast = fp8_fast_namespace()
     caps = {"device": str(ck.device), "torch": torch.__version__, "python": sys.version.split()[0],
             "mode": "tiny" if ck.tiny else "full", "environment": environment(),
             "attention_backends": attention.available_backends(),
             "diffusers": importlib.util.find_spec("diffusers") is not None,
-            "fp8_fast": fast[0] if fast else None, "torch_flags": torch_flags(),
+            "fp8_fast_matmul": ops.fp8_compute_problem(ck.device) or "yes",
+            "torch_flags": torch_flags(),
             "budget_s": round(ck.remaining())}  # fmt: skip
     if ck.device.type == "cuda":
         props = torch.cuda.get_device_properties(ck.device)

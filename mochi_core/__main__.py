@@ -22,8 +22,6 @@ from pathlib import Path
 #: Full-size defaults (Genmo's CLI) and the small ones used with --demo.
 DEFAULTS = {"width": 848, "height": 480, "frames": 163, "steps": 64, "cfg": 6.0}
 DEMO_DEFAULTS = {"width": 128, "height": 96, "frames": 25, "steps": 8, "cfg": 4.5}
-WEIGHT_DTYPES = {"default": None, "bf16": "bfloat16", "fp8_e4m3fn": "float8_e4m3fn",
-                 "fp32": "float32"}  # fmt: skip
 #: Longest output file name in bytes: the writer's temporary name beside it adds about 20 bytes
 #: and most file systems stop at 255.
 MAX_OUTPUT_NAME = 200
@@ -91,14 +89,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_memory_options(p: argparse.ArgumentParser) -> None:
-    from .pipeline import MAX_SIZE  # noqa: PLC0415
+    from .pipeline import MAX_SIZE, WEIGHT_DTYPES  # noqa: PLC0415
 
     p.add_argument("--decode-chunk", type=_number(int, "1 or more"), default=3,
                    help="latent frames per streamed decoder call; exact for any value, "
                         "smaller uses less memory (default 3)")  # fmt: skip
     p.add_argument("--weight-dtype", default="default", choices=tuple(WEIGHT_DTYPES),
                    help="storage dtype of the DiT weights, cast per layer at compute time "
-                        "(default: as stored in the file)")  # fmt: skip
+                        "(default: as stored in the file); fp8_e4m3fn_fast stores fp8 and "
+                        "multiplies in fp8 where the device can (Ada/Hopper GPUs)")  # fmt: skip
     p.add_argument("--dit-tile", type=_number(int, f"0 or a multiple of 16 up to {MAX_SIZE}"),
                    default=0,
                    help="sample the DiT on square tiles of this many pixels (multiple of 16; "
@@ -298,9 +297,7 @@ def _device_errors(args: argparse.Namespace) -> list[str]:
 
 def _dit_option_errors(args: argparse.Namespace) -> list[str]:
     """Check the DiT options and keep them as ``args.dit_options`` (a ``DiTOptions``)."""
-    import torch  # noqa: PLC0415
-
-    from .pipeline import DiTOptions  # noqa: PLC0415
+    from .pipeline import WEIGHT_DTYPES, DiTOptions  # noqa: PLC0415
     from .tiled_sampling import TileOptions  # noqa: PLC0415
 
     errors = _tile_errors(args)
@@ -310,9 +307,9 @@ def _dit_option_errors(args: argparse.Namespace) -> list[str]:
     if args.dit_tile and not errors:
         side = args.dit_tile // 8
         tiling = TileOptions(tile=(side, side), overlap=args.dit_tile_overlap // 8)
-    dtype = WEIGHT_DTYPES[args.weight_dtype]
+    storage = WEIGHT_DTYPES[args.weight_dtype]
     args.dit_options = DiTOptions(
-        dtype=getattr(torch, dtype) if dtype else None, attention=args.attention, tiling=tiling,
+        dtype=storage.dtype, fp8_fast=storage.fp8_fast, attention=args.attention, tiling=tiling,
         offload_resident=args.offload_blocks or None,
         compile_backend="inductor" if args.compile else None,
     )  # fmt: skip

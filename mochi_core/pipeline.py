@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from . import ops
 from .sampling import MAX_SEED, sample
 from .sampling import Callback as SampleCallback
 from .schedule import DEFAULT_THRESHOLD_NOISE, linear_quadratic_schedule
@@ -102,12 +103,40 @@ def _is_int(value: object) -> bool:
 
 
 @dataclass(frozen=True)
+class WeightDtype:
+    """One storage choice of the DiT (see :data:`WEIGHT_DTYPES`).
+
+    Attributes:
+        dtype: the storage dtype of the weights, or None to keep the file's.
+        fp8_fast: the fp8 Linear layers multiply in fp8 (:data:`mochi_core.ops.fp8_fast`, and
+            the host's own fp8 matmul layers under ComfyUI) instead of casting their weights up.
+    """
+
+    dtype: torch.dtype | None
+    fp8_fast: bool = False
+
+
+#: The DiT's storage choices by name: the CLI's ``--weight-dtype`` and the loader node's
+#: ``weight_dtype`` (whose names follow the host's own model loader).
+WEIGHT_DTYPES = {
+    "default": WeightDtype(None),
+    "bf16": WeightDtype(torch.bfloat16),
+    "fp8_e4m3fn": WeightDtype(torch.float8_e4m3fn),
+    "fp8_e4m3fn_fast": WeightDtype(torch.float8_e4m3fn, fp8_fast=True),
+    "fp32": WeightDtype(torch.float32),
+}
+
+
+@dataclass(frozen=True)
 class DiTOptions:
     """How the DiT is stored and run (every option off by default).
 
     Attributes:
         dtype: storage dtype of the weights (None keeps the file's; bf16, fp8_e4m3fn, fp32);
             they are cast layer by layer at compute time.
+        fp8_fast: the fp8_e4m3fn Linear weights multiply in fp8 instead of being cast
+            (:data:`mochi_core.ops.fp8_fast`); needs ``dtype`` fp8_e4m3fn, or None with an fp8
+            file.
         attention: ``"sdpa"``, ``"flash"`` or ``"sage"`` (falls back to sdpa when unavailable).
         tiling: sample on overlapping tiles (:class:`~mochi_core.tiled_sampling.TileOptions`).
         offload_resident: keep at most this many transformer blocks on the device and stream
@@ -117,6 +146,7 @@ class DiTOptions:
     """
 
     dtype: torch.dtype | None = None
+    fp8_fast: bool = False
     attention: str = "sdpa"
     tiling: TileOptions | None = None
     offload_resident: int | None = None
@@ -127,6 +157,8 @@ class DiTOptions:
         out = {}
         if self.tiling is not None and not isinstance(self.tiling, TileOptions):
             out["tiling"] = f"must be a TileOptions or None, got {type(self.tiling).__name__}"
+        if self.fp8_fast and self.dtype not in (None, torch.float8_e4m3fn):
+            out["fp8_fast"] = f"needs fp8_e4m3fn storage (or the file's fp8), not {self.dtype}"
         if self.offload_resident is not None and self.offload_resident < 1:
             out["offload_resident"] = f"must be >= 1 block (or None), got {self.offload_resident}"
         return out
@@ -185,7 +217,8 @@ def _prepared_dit(paths: CheckpointPaths, options: DiTOptions, device: torch.dev
 
     offload = options.offload_resident is not None
     dit = load_dit(paths.dit, dtype=options.dtype, device="cpu" if offload else device,
-                   attention=options.attention)  # fmt: skip
+                   attention=options.attention,
+                   operations=ops.fp8_fast if options.fp8_fast else ops.cast)  # fmt: skip
     if offload:
         offload_blocks(dit, resident=options.offload_resident, device=device)
     if options.compile_backend is not None:

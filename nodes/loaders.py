@@ -15,7 +15,7 @@ import folder_paths
 import torch
 from comfy_api.latest import io, ui
 
-from mochi_core import checkpoints, lora
+from mochi_core import checkpoints, lora, pipeline
 from mochi_core.compile import compile_blocks
 
 from . import managed
@@ -35,9 +35,8 @@ from ._shared import (
     schema_error,
 )
 
-DTYPES = {"default": None, "fp32": torch.float32, "bf16": torch.bfloat16,
-          "fp16": torch.float16, "fp8_e4m3fn": getattr(torch, "float8_e4m3fn", None)}
-DIT_DTYPES = ["default", "bf16", "fp8_e4m3fn", "fp32"]
+DTYPES = {"default": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DIT_DTYPES = list(pipeline.WEIGHT_DTYPES)
 VAE_DTYPES = ["fp32", "bf16", "fp16"]
 T5_DTYPES = ["default", "fp32", "bf16"]
 ATTENTION = ["sdpa", "flash", "sage"]
@@ -84,7 +83,9 @@ class DiTLoader(io.ComfyNode):
                 io.Combo.Input("weight_dtype", options=DIT_DTYPES, default="default",
                                tooltip="Storage dtype of the weights: 'default' keeps the "
                                        "file's dtype; fp8_e4m3fn halves memory; compute is cast "
-                                       "per layer."),
+                                       "per layer. fp8_e4m3fn_fast also multiplies in fp8 "
+                                       "where the GPU can (Ada, Hopper), as the host's own "
+                                       "fp8_e4m3fn_fast; elsewhere it is fp8_e4m3fn."),
                 io.Combo.Input("attention", options=ATTENTION, default="sdpa",
                                tooltip="Attention backend; flash and sage fall back to sdpa "
                                        "(with a warning) when their package or a CUDA device "
@@ -121,9 +122,10 @@ class DiTLoader(io.ComfyNode):
         base = managed.LastDiT.get(key)
         if base is None:
             place = managed.dit_placement()
+            storage = pipeline.WEIGHT_DTYPES[weight_dtype]
             model = checkpoints.load_dit(
-                path, dtype=DTYPES[weight_dtype], attention=attention,
-                operations=managed.dit_operations(place.load_device),
+                path, dtype=storage.dtype, attention=attention,
+                operations=managed.dit_operations(place.load_device, storage.fp8_fast),
                 check_file=confined("dit_name", "diffusion_models"))
             if compile != "off":
                 compile_blocks(model, backend=compile)  # lazily, at the first sampling step

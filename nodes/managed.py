@@ -72,15 +72,19 @@ def with_weight(base: type) -> type:
 VAE_OPERATIONS = with_weight(comfy.ops.manual_cast)
 
 
-def dit_operations(load_device: torch.device) -> Callable[[LayerStorage], type]:
+def dit_operations(load_device: torch.device,
+                   fp8_fast: bool = False) -> Callable[[LayerStorage], type]:  # fmt: skip
     """For ``checkpoints.load_dit(operations=...)``: the host's layers for the loaded storage,
     picked by ``comfy.ops.pick_operations`` (plain layers when the weights are stored in the
-    compute dtype, casting layers otherwise, its scaled-fp8 layers for scaled fp8 weights)."""
+    compute dtype, casting layers otherwise, its scaled-fp8 layers for scaled fp8 weights).
+    ``fp8_fast`` is the host's ``fp8_optimizations``: its fp8 layers multiply in fp8 where
+    ``supports_fp8_compute`` says the device can (its ``--fast fp8_matrix_mult`` does the same
+    for every model)."""
 
     def choose(storage: LayerStorage) -> type:
         return with_weight(comfy.ops.pick_operations(
             storage.weight_dtype, storage.compute_dtype, load_device=load_device,
-            scaled_fp8=storage.scaled_fp8))
+            fp8_optimizations=fp8_fast, scaled_fp8=storage.scaled_fp8))
 
     return choose
 

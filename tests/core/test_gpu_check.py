@@ -29,4 +29,8 @@ def test_tiny_run_writes_every_section(tmp_path):
                                                          section.get("traceback"))
         assert section.get("figures") or section.get("reason"), name
     assert results["sections"]["dit_sdpa"]["status"] == "ok"
+    # this CPU's torch runs _scaled_mm: the fast mode multiplies in fp8, storage never does
+    fp8 = results["sections"]["fp8"]["figures"]
+    assert fp8["fast"]["scaled_mm_calls_per_step"] > 0
+    assert fp8["storage"]["scaled_mm_calls_per_step"] == 0
     assert "gpu_check (tiny" in done.stdout

@@ -81,7 +81,7 @@ def refused(comfy, prompt: dict, node: str) -> str:
     ("sampler", "cfg_schedule", "6, lots", ["cfg_schedule", "comma-separated"]),
     ("sampler", "linear_steps", 2, ["linear_steps", "below steps"]),
     ("sampler", "batch_cfg", "sometimes", ["batch_cfg", "auto", "batched", "separate"]),
-    ("dit", "weight_dtype", "fp16", ["weight_dtype", "bf16", "fp8_e4m3fn", "fp32"]),
+    ("dit", "weight_dtype", "fp16", ["weight_dtype", "bf16", "fp8_e4m3fn_fast", "fp32"]),
     ("dit", "attention", "xformers", ["attention", "sdpa", "flash", "sage"]),
     ("dit", "compile", "on", ["compile", "off", "inductor"]),
     ("dit", "dit_name", "missing.safetensors", ["dit_name", "diffusion_models"]),
