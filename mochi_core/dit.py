@@ -650,6 +650,11 @@ class AsymmDiT(_KeepsFp32):
             state_dict[prefix + "rope.weight"] = state_dict.pop(prefix + _ROPE_KEY)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
+    def release_caches(self) -> None:
+        """Drop what the model keeps between forwards (the RoPE rotation of the last shape);
+        the sampler calls it when a run ends."""
+        self.rope_cache.clear()
+
     def resolved_compute_dtype(self) -> torch.dtype:
         """``compute_dtype`` if set, else :func:`compute_dtype_for` the stored block Linear
         weights (the bulk of the model)."""

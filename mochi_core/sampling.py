@@ -244,21 +244,28 @@ def sample(
     if check_memory and (job := memory_job(model, latents_or_shape, positive, negative, cfg,
                                            steps, batch_cfg, tiling)) is not None:  # fmt: skip
         memory.check_dit(job, device, memory.weight_bytes_on(model, device))
+    # Caches the model keeps across steps (the DiT's RoPE rotation, 547 MB at 848x480x163)
+    # are dropped when sampling ends, cancelled or not, so they do not outlive the run.
+    release = getattr(model, "release_caches", None)
     if tiling is not None:
         model = TiledModel(model, tiling)
-    z = initial_latents(latents_or_shape, sig[0], generator, device)
-    pos = positive.expand(z.shape[0]).to(device)
-    neg = negative.expand(z.shape[0]).to(device) if negative is not None else None
-    log.info("sampling %d steps, latents %s, batch_cfg=%s, tiling=%s", steps, tuple(z.shape),
-             batched, tiling)  # fmt: skip
-    with torch.no_grad():
-        for i in range(steps):
-            v = guided_velocity(model, z, sig[i], pos, neg, scales[i], batched)
-            check_dit_step(v, i + 1, steps, dtype)
-            if callback is not None:
-                callback(i + 1, steps, z + sig[i] * v)
-            z = z + (sig[i] - sig[i + 1]) * v
-    return z
+    try:
+        z = initial_latents(latents_or_shape, sig[0], generator, device)
+        pos = positive.expand(z.shape[0]).to(device)
+        neg = negative.expand(z.shape[0]).to(device) if negative is not None else None
+        log.info("sampling %d steps, latents %s, batch_cfg=%s, tiling=%s", steps,
+                 tuple(z.shape), batched, tiling)  # fmt: skip
+        with torch.no_grad():
+            for i in range(steps):
+                v = guided_velocity(model, z, sig[i], pos, neg, scales[i], batched)
+                check_dit_step(v, i + 1, steps, dtype)
+                if callback is not None:
+                    callback(i + 1, steps, z + sig[i] * v)
+                z = z + (sig[i] - sig[i + 1]) * v
+        return z
+    finally:
+        if callable(release):
+            release()
 
 
 def latent_preview_rgb(z: torch.Tensor, as_uint8: bool = True) -> torch.Tensor:
