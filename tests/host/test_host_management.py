@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 
 from mochi_core import checkpoints, demo, lora, memory
 from mochi_core.estimates import LiveBytes
+from mochi_core.pipeline import WEIGHT_DTYPES
 from mochi_core.text import TextConditioning
 from tests.host.inprocess import host_nodes, import_pack, use_model_folder
 
@@ -106,7 +107,7 @@ def test_a_partial_load_places_or_casts_every_tensor(pack, weight_dtype, share):
 def test_the_host_layers_compute_what_the_core_computes_bit_for_bit(pack, weight_dtype):
     """Loaded whole, partly or not at all, through the host's plain or casting layers: the same
     velocity as the core's own layers (``mochi_core.ops.cast``, the CLI's), bit for bit."""
-    dtype = pack.loaders.DTYPES[weight_dtype]
+    dtype = WEIGHT_DTYPES[weight_dtype].dtype
     core = checkpoints.load_dit(pack.files["folder"] / pack.files["dit"], dtype=dtype)
     inputs = dit_inputs(core.config)
     with torch.no_grad():
@@ -234,7 +235,7 @@ def qkv_x(patcher) -> torch.Tensor:
 
 def merged_reference(pack, weight_dtype: str, strength: float) -> torch.nn.Module:
     path = pack.files["folder"] / pack.files["dit"]
-    model = checkpoints.load_dit(path, dtype=pack.loaders.DTYPES[weight_dtype])
+    model = checkpoints.load_dit(path, dtype=WEIGHT_DTYPES[weight_dtype].dtype)
     lora.apply_lora(model, lora.load_lora(pack.files["folder"] / pack.files["lora"]), strength)
     return model
 
