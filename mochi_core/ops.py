@@ -162,10 +162,15 @@ def _warn_cast(reason: str) -> None:
 
 def quantize_per_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(q, scale)``: ``x`` in :data:`FP8_COMPUTE` with one fp32 scale, ``q * scale ≈ x``, the
-    largest magnitude mapped to the format's largest value (no clipping, no host sync)."""
+    largest magnitude mapped to the format's largest value (no clipping, no host sync).
+
+    The division runs in ``x``'s dtype (no fp32 copy of the activations), so the scale is
+    rounded to that dtype first and returned as rounded: the matmul then undoes exactly the
+    scale that was applied."""
     limit = torch.finfo(FP8_COMPUTE).max
-    scale = (x.detach().abs().amax().float() / limit).clamp(min=torch.finfo(torch.float32).tiny)
-    return (x / scale.to(x.dtype)).clamp(-limit, limit).to(FP8_COMPUTE), scale
+    tiny = torch.finfo(x.dtype).tiny
+    scale = (x.detach().abs().amax().float() / limit).clamp(min=tiny).to(x.dtype)
+    return (x / scale).clamp(-limit, limit).to(FP8_COMPUTE), scale.float()
 
 
 class FastFp8Linear(Linear):

@@ -90,6 +90,12 @@ def test_activations_are_scaled_not_clipped():
         assert rel_err(q.float() * scale, x) <= 2**-4, magnitude
     q, scale = ops.quantize_per_tensor(torch.zeros(4, 16))
     assert torch.equal(q.float(), torch.zeros(4, 16)) and torch.isfinite(scale)
+    # a bf16 input is divided by a bf16 scale: the scale returned (which the matmul applies)
+    # must be that one, not the fp32 value it was rounded from (a bias of up to 2^-9)
+    x = torch.randn(64, 32, generator=torch.Generator().manual_seed(3)).bfloat16() * 7
+    q, scale = ops.quantize_per_tensor(x)
+    assert torch.equal(scale.bfloat16().float(), scale)
+    assert torch.equal(q, (x / scale.bfloat16()).to(E4M3))
 
 
 def small_model(dtype: torch.dtype, operations) -> AsymmDiT:
