@@ -1,6 +1,6 @@
 """Parity of AsymmDiT with diffusers' MochiTransformer3DModel and the ComfyUI host's AsymmDiTJoint.
 
-Random Genmo-keyed weights, CPU, fp32, relative L2 error ≤ 1e-5, for a tiny config and for two
+Random Genmo-keyed weights, CPU, fp32, relative L2 error ≤ 1.5e-6, for a tiny config and for two
 blocks at full width (3072/1536, 24 heads), on a 2 × 8 × 12 latent with a 256-token prompt of
 which 40 are real. The measured errors are printed at the end of the module (run with ``-s``)
 and written to ``dit_parity_errors.json`` in pytest's base temporary directory.
@@ -27,7 +27,7 @@ from tests.oracles import (
     random_dit_state_dict,
 )
 
-TOL = 1e-5
+TOL = 1.5e-6  # about 3x the largest measured error (4.6e-7, full width vs host)
 CONFIGS = {
     "tiny": DiTConfig(
         depth=3, hidden_size_x=96, hidden_size_y=96, num_heads=2, mlp_hidden_x=256,

@@ -1,10 +1,12 @@
 """VAE parity against independent implementations with the same random weights (fp32, CPU).
 
-* decoder = the host's decoder (Genmo's frame-drop semantics) within 1e-5;
-* encoder = diffusers' encoder within 1e-5 (both causal, Fourier features in fp32);
+* decoder = the host's decoder (Genmo's frame-drop semantics), bit for bit (the same operations
+  in the same order);
+* encoder = diffusers' encoder within 3e-6, about 3x the measured 9.0e-7 (both causal, Fourier
+  features in fp32);
 * decoder ≠ diffusers' decoder on the first frames (SPEC §3.6), and the whole difference is
   where the frames are dropped: moving diffusers' drop to right after each depth-to-space
-  makes the two agree within 1e-5;
+  makes the two agree bit for bit;
 * encoder ≠ the host's encoder for more than one latent frame (the host's attention is not
   causal, §3.7): equal on a single frame, and equal once the host's attention is made causal.
 
@@ -34,7 +36,8 @@ from tests.oracles_vae import (
     relative_error,
 )
 
-TOL = 1e-5
+#: About 3x the largest measured encoder error (9.0e-7, mean and logvar against diffusers).
+TOL = 3e-6
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +79,7 @@ def test_decoder_matches_the_hosts_decoder(weights, our_pixels, latents, record_
     err = relative_error(our_pixels, reference)
     record_property("decoder_vs_host_rel", err)
     record_property("decoder_vs_host_max_abs", (our_pixels - reference).abs().max().item())
-    assert err <= TOL
+    assert torch.equal(our_pixels, reference), err
 
 
 def test_encoder_matches_diffusers_encoder(ours, diffusers_model, pixels, record_property):
@@ -128,7 +131,7 @@ def test_decoder_differs_from_diffusers_only_by_where_frames_are_dropped(
     # Dropping right after each depth-to-space, as Genmo does, removes the whole difference.
     moved = relative_error(drop_moved, our_pixels)
     record_property("decoder_vs_diffusers_with_genmo_drop_rel", moved)
-    assert moved <= TOL
+    assert torch.equal(drop_moved, our_pixels), moved
 
 
 def _causal_host_attention(q, k, v, heads, skip_reshape=True, **_):
