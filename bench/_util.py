@@ -112,6 +112,23 @@ def matmul_flops_per_s(dtype: torch.dtype, n: int = 4096, reps: int = 3) -> tupl
             flops / statistics.median(c.cpu for c in calls))  # fmt: skip
 
 
+@contextlib.contextmanager
+def counting_scaled_mm():
+    """Counts the ``torch._scaled_mm`` calls (fp8 matmuls) made in the block; they still run.
+    Yields a one-element list holding the count."""
+    calls, real = [0], torch._scaled_mm
+
+    def counting(*args, **kwargs):
+        calls[0] += 1
+        return real(*args, **kwargs)
+
+    torch._scaled_mm = counting
+    try:
+        yield calls
+    finally:
+        torch._scaled_mm = real
+
+
 def environment() -> str:
     """One line naming the date, machine, torch version, threads and load."""
     load = ", ".join(f"{v:.2f}" for v in os.getloadavg())

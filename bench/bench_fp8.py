@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench._util import ROOT, environment  # noqa: E402
+from bench._util import ROOT, counting_scaled_mm, environment  # noqa: E402
 from mochi_core import checkpoints, ops  # noqa: E402
 from mochi_core.dit import AsymmDiT, DiTConfig  # noqa: E402
 from tests.oracles import random_dit_state_dict  # noqa: E402
@@ -70,14 +70,12 @@ def host_operations():
     return managed.dit_operations(mm.get_torch_device(), fp8_fast=True), None
 
 
-def build(cfg: DiTConfig, sd: dict, dtype: torch.dtype, operations, device) -> AsymmDiT:
-    sd = checkpoints.cast_dit_state_dict({k: v.clone() for k, v in sd.items()}, dtype)
-    if not hasattr(operations, "Linear"):
-        operations = operations(checkpoints.layer_storage(sd))
-    model = AsymmDiT(cfg, operations=operations, device="meta", compute_dtype=torch.bfloat16)
-    checkpoints._prepare_scales(model, sd)
-    model.load_state_dict(sd, strict=True, assign=True)
-    return model.to(device).eval()
+def build(sd: dict, dtype: torch.dtype, operations, device) -> AsymmDiT:
+    """The DiT holding a copy of ``sd`` stored as ``dtype`` (computing in fp32 for fp32, else in
+    bf16), as the loaders build it."""
+    model = checkpoints.dit_from_state_dict({k: v.clone() for k, v in sd.items()}, dtype=dtype,
+                                            operations=operations)  # fmt: skip
+    return model.to(device)
 
 
 def inputs(cfg: DiTConfig, tokens: int, device):
@@ -108,8 +106,7 @@ def main() -> None:
     print(f"DiT depth {cfg.depth}, hidden {cfg.hidden_size_x}/{cfg.hidden_size_y}, "
           f"{args[0].shape[-1] * args[0].shape[-2] // 4 * 2} visual tokens, batch 2, {device}")
     with torch.no_grad():
-        fp32 = build(cfg, sd, torch.float32, ops.cast, device)
-        fp32.compute_dtype = torch.float32
+        fp32 = build(sd, torch.float32, ops.cast, device)
         reference32 = fp32(*args)
         del fp32
     modes = [("bf16", torch.bfloat16, ops.cast), ("fp8 storage", torch.float8_e4m3fn, ops.cast),
@@ -117,21 +114,14 @@ def main() -> None:
     host, why = host_operations()
     if host is not None:
         modes.append(("host fp8 fast", torch.float8_e4m3fn, host))
-    calls, real = [0], torch._scaled_mm
-
-    def counting(*a, **k):
-        calls[0] += 1
-        return real(*a, **k)
-
-    torch._scaled_mm = counting
     reference = None
     print(f"{'mode':<14} {'s/forward':>10} {'_scaled_mm':>10} {'err vs bf16':>12} "
           f"{'err vs fp32':>12}")
     for name, dtype, operations in modes:
-        model = build(cfg, sd, dtype, operations, device)
+        model = build(sd, dtype, operations, device)
         with torch.no_grad():
-            calls[0] = 0
-            out = model(*args)
+            with counting_scaled_mm() as calls:
+                out = model(*args)
             per_forward = calls[0]
             times = []
             for _ in range(options.reps):

@@ -63,7 +63,13 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench._util import environment, peak_rss_bytes, reset_peak_rss, rss_bytes  # noqa: E402
+from bench._util import (  # noqa: E402
+    counting_scaled_mm,
+    environment,
+    peak_rss_bytes,
+    reset_peak_rss,
+    rss_bytes,
+)
 from mochi_core import attention, memory, ops, sampling, vae_tiling  # noqa: E402
 from mochi_core.dit import AsymmDiT, DiTConfig  # noqa: E402
 from mochi_core.estimates import analytic_forward_flops  # noqa: E402
@@ -498,22 +504,6 @@ def sec_memory(ck: Check) -> dict:
     return {"figures": figures, "rows": rows}
 
 
-def count_scaled_mm(fn: Callable[[], object]) -> int:
-    """Runs ``fn`` once and returns how many ``torch._scaled_mm`` calls it made."""
-    calls, real = [0], torch._scaled_mm
-
-    def counting(*args, **kwargs):
-        calls[0] += 1
-        return real(*args, **kwargs)
-
-    torch._scaled_mm = counting
-    try:
-        fn()
-    finally:
-        torch._scaled_mm = real
-    return calls[0]
-
-
 def sec_fp8(ck: Check) -> dict:
     frames, figures, skipped, rows = ck.frames[0], {}, {}, []
     ref = ck.reference(frames)
@@ -524,7 +514,9 @@ def sec_fp8(ck: Check) -> dict:
         try:
             model8 = dit_copy(ck.model, to_fp8, operations)
             step = ck.step(model8, frames, sampling.supports_batched_text(model8))
-            calls = count_scaled_mm(step)
+            with counting_scaled_mm() as counted:
+                step()
+            calls = counted[0]
             r = repeat(ck, step, ck.reps, limit=20)
             err = rel_err(ck.forward(model8, frames)(), ref)
         except Exception as error:  # noqa: BLE001 - one variant failing keeps the other

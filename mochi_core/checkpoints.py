@@ -51,6 +51,7 @@ __all__ = [
     "detect_vae_format",
     "diffusers_to_genmo_dit",
     "diffusers_to_genmo_vae",
+    "dit_from_state_dict",
     "load_dit",
     "load_dit_state_dict",
     "load_t5",
@@ -806,9 +807,24 @@ def load_dit(
     :class:`LayerStorage` of the loaded weights and returns one (a host choosing its own
     casting layers for them, e.g. ComfyUI's ``comfy.ops.pick_operations``).
     """
+    sd, fmt, name = load_dit_state_dict(path, device=device, dtype=dtype, check_file=check_file)
+    return dit_from_state_dict(sd, dtype=dtype, operations=operations, attention=attention,
+                               name=name, fmt=fmt)  # fmt: skip
+
+
+def dit_from_state_dict(
+    sd: dict[str, torch.Tensor],
+    *,
+    dtype: torch.dtype | None = None,
+    operations=ops.cast,
+    attention: str = "sdpa",
+    name: str = "state dict",
+    fmt: DetectedFormat | str = "genmo",
+) -> nn.Module:
+    """The DiT holding a Genmo-keyed state dict ``sd`` (consumed) under the storage policy of
+    ``dtype`` and the layers of ``operations``, as :func:`load_dit` builds it from a file."""
     from mochi_core.dit import AsymmDiT, DiTConfig  # noqa: PLC0415  (dit imports are heavy)
 
-    sd, fmt, name = load_dit_state_dict(path, device=device, dtype=dtype, check_file=check_file)
     config = _config(DiTConfig, sd, name, fmt)
     cast_dit_state_dict(sd, dtype)
     if not hasattr(operations, "Linear"):

@@ -126,7 +126,6 @@ _FP8_ALIGN = 16
 _FP8_MIN_CAPABILITY = (8, 9)
 
 
-@functools.cache
 def _probe(device_type: str) -> str | None:
     """Why a tiny ``_scaled_mm`` fails on ``device_type`` (CPU), or None when it runs."""
     try:
@@ -138,11 +137,13 @@ def _probe(device_type: str) -> str | None:
     return None
 
 
+@functools.cache
 def fp8_compute_problem(device: torch.device) -> str | None:
-    """Why fp8 matmuls cannot run on ``device``, or None when they can.
+    """Why fp8 matmuls cannot run on ``device``, or None when they can; decided once per device
+    (every fast layer asks at every call).
 
-    CUDA devices need compute capability 8.9 or newer; other devices (the CPU) are probed once
-    with a tiny ``torch._scaled_mm``.
+    CUDA devices need compute capability 8.9 or newer; other devices (the CPU) are probed with a
+    tiny ``torch._scaled_mm``.
     """
     if FP8_COMPUTE is None or not hasattr(torch, "_scaled_mm"):
         return f"this torch ({torch.__version__}) has no float8_e4m3fn matmul"

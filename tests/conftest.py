@@ -43,6 +43,23 @@ def _no_outbound_connections():
     assert not attempts, f"outbound connections attempted (and blocked): {attempts}"
 
 
+@pytest.fixture
+def scaled_mm_calls(monkeypatch):
+    """The input shapes of the ``torch._scaled_mm`` calls (fp8 matmuls; they still run) made by
+    the test, after the core's one-time device probe has run."""
+    from mochi_core import ops  # noqa: PLC0415
+
+    ops.fp8_compute_problem(torch.device("cpu"))
+    calls, real = [], torch._scaled_mm
+
+    def counting(*args, **kwargs):
+        calls.append(tuple(args[0].shape))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_scaled_mm", counting)
+    return calls
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

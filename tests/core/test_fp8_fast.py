@@ -26,26 +26,14 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
-@pytest.fixture
-def scaled_mm_calls(monkeypatch):
-    """Counts the calls of ``torch._scaled_mm`` (which then runs) by the layers: the device
-    probe has run before."""
-    ops.fp8_compute_problem(torch.device("cpu"))
-    calls, real = [], torch._scaled_mm
-
-    def counting(*args, **kwargs):
-        calls.append(tuple(args[0].shape))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(torch, "_scaled_mm", counting)
-    return calls
-
-
 @pytest.fixture(autouse=True)
-def fresh_warnings():
+def fresh_decisions():
+    """Each test sees the device decided and the fallback reasons logged anew."""
     ops._warn_cast.cache_clear()
+    ops.fp8_compute_problem.cache_clear()
     yield
     ops._warn_cast.cache_clear()
+    ops.fp8_compute_problem.cache_clear()
 
 
 def fp8_linear(cls=ops.FastFp8Linear, in_features=64, out_features=48, dtype=E4M3, seed=0):
@@ -99,14 +87,10 @@ def test_activations_are_scaled_not_clipped():
 
 
 def small_model(dtype: torch.dtype, operations) -> AsymmDiT:
-    """SMALL with seed-0 random weights under the storage policy of ``dtype``, computing in
-    bf16 (fp8 storage computes in bf16)."""
-    sd = checkpoints.cast_dit_state_dict(
-        random_dit_state_dict(SMALL, torch.Generator().manual_seed(0), torch.float32), dtype)
-    model = AsymmDiT(SMALL, operations=operations, device="meta", compute_dtype=torch.bfloat16)
-    checkpoints._prepare_scales(model, sd)
-    model.load_state_dict(sd, strict=True, assign=True)
-    return model.eval()
+    """SMALL with seed-0 random weights under the storage policy of ``dtype`` (bf16 or fp8:
+    both compute in bf16)."""
+    sd = random_dit_state_dict(SMALL, torch.Generator().manual_seed(0), torch.float32)
+    return checkpoints.dit_from_state_dict(sd, dtype=dtype, operations=operations)
 
 
 def dit_inputs():
@@ -163,9 +147,13 @@ def test_a_device_without_fp8_matmuls_casts(monkeypatch, scaled_mm_calls, caplog
     cuda = torch.device("cuda", 0)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
     assert "8.9 or newer" in ops.fp8_compute_problem(cuda)
+    ops.fp8_compute_problem.cache_clear()  # another GPU on the same index
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     assert ops.fp8_compute_problem(cuda) is None
     assert ops.fp8_compute_problem(torch.device("cpu")) is None  # this torch runs it on the CPU
+    assert scaled_mm_calls == [(16, 16)]  # the probe itself, once
+    scaled_mm_calls.clear()
+    ops.fp8_compute_problem.cache_clear()
     monkeypatch.setattr(ops, "_probe", lambda device_type: "no fp8 kernel on 'cpu' (test)")
     layer = fp8_linear()
     x = torch.randn(5, 64, generator=torch.Generator().manual_seed(4))

@@ -152,7 +152,9 @@ def test_the_vae_streams_every_weight_under_a_small_budget(pack):
         assert torch.equal(decoder.model.module(z), core(z))
 
 
-def test_fp8_fast_multiplies_in_fp8_where_the_host_says_the_device_can(pack, monkeypatch):
+def test_fp8_fast_multiplies_in_fp8_where_the_host_says_the_device_can(
+    pack, monkeypatch, scaled_mm_calls
+):
     """weight_dtype fp8_e4m3fn_fast is the host's own fp8_optimizations: on a device its
     ``supports_fp8_compute`` refuses (this CPU) it is fp8_e4m3fn, bit for bit; on one it accepts
     (an Ada or Hopper GPU, simulated by that function) its fp8 layers multiply in fp8."""
@@ -161,14 +163,6 @@ def test_fp8_fast_multiplies_in_fp8_where_the_host_says_the_device_can(pack, mon
     path = pack.files["folder"] / pack.files["dit"]
     fp32 = checkpoints.load_dit(path)
     inputs = dit_inputs(fp32.config)
-    calls, real = [], torch._scaled_mm
-
-    def counting(*args, **kwargs):
-        calls.append(tuple(args[0].shape))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(torch, "_scaled_mm", counting)
-
     def velocity(weight_dtype: str) -> torch.Tensor:
         pack.managed.LastDiT._key = pack.managed.LastDiT._patcher = None
         patcher = load_dit(pack, weight_dtype)
@@ -177,10 +171,10 @@ def test_fp8_fast_multiplies_in_fp8_where_the_host_says_the_device_can(pack, mon
             return patcher.model.module(*inputs)
 
     storage = velocity("fp8_e4m3fn")
-    assert torch.equal(velocity("fp8_e4m3fn_fast"), storage) and calls == []
+    assert torch.equal(velocity("fp8_e4m3fn_fast"), storage) and scaled_mm_calls == []
     monkeypatch.setattr(comfy.model_management, "supports_fp8_compute", lambda device=None: True)
     fast = velocity("fp8_e4m3fn_fast")
-    assert len(calls) >= fp32.config.depth, "the host's fp8 layers did not multiply in fp8"
+    assert len(scaled_mm_calls) >= fp32.config.depth, "the host's fp8 layers did not run fp8"
     with torch.no_grad():
         reference = fp32(*inputs)
     # measured: 4.1e-2 (storage), 6.1e-2 (the host's fast layers: unscaled activations)
